@@ -1,0 +1,107 @@
+"""Configuration of an MM1 model: plain dataclasses that round-trip through config.json."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class _FromDict:
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VisionConfig(_FromDict):
+    """A ViT image encoder: CLIP-style (class token, ln_pre) or SigLIP-style (neither)."""
+
+    model_type: str = "clip"  # "clip" or "siglip"
+    image_size: int = 378
+    patch_size: int = 14
+    width: int = 1280
+    layers: int = 32
+    heads: int = 16
+    mlp_dim: int = 5120
+    act: str = "quick_gelu"  # "quick_gelu", "gelu" (erf) or "gelu_tanh"
+    class_token: bool = True
+    pre_norm: bool = True  # ln_pre after the patch + position embeddings
+    patch_bias: bool = False  # the patch-embedding conv has a bias (SigLIP)
+    layer_norm_eps: float = 1e-5
+    # Which hidden state feeds the connector, indexed like transformers' `hidden_states`
+    # (0 = embeddings, i = output of block i; negative counts from the end). Honeybee: -1.
+    feature_layer: int = -1
+    feature_post_norm: bool = False  # apply ln_post to the features (Honeybee: no)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class ConnectorConfig(_FromDict):
+    """The vision-language connector: Honeybee's C-Abstractor, average or attention pooling."""
+
+    model_type: str = "c-abstractor"  # "c-abstractor", "avg-pool" or "attn-pool"
+    input_dim: int = 1280  # vision width
+    output_dim: int = 4096  # decoder hidden size
+    num_input_tokens: int = 729  # patches per image at the encoder's native size
+    num_tokens: int = 144  # image tokens handed to the decoder (a square number)
+    hidden_dim: int = 1024  # C-Abstractor's RegNet width
+    depth: int = 3  # RegNet blocks per stage (C-Abstractor)
+    mlp_depth: int = 2  # layers of the readout MLP
+    pos_emb: bool = True  # learned position embedding added to the features first
+    heads: int = 8  # attention pooling
+
+
+@dataclass
+class PreprocessConfig(_FromDict):
+    """How an image becomes the encoder's input."""
+
+    image_size: int = 378
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resize_mode: str = "squash"  # "squash" (DFN5B) or "pad" (keep aspect, pad with the mean)
+    interpolation: str = "bicubic"
+    splitting: dict[str, Any] = field(default_factory=dict)  # MM1.5 dynamic splitting
+
+    def __post_init__(self):
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+
+@dataclass
+class MM1Config(_FromDict):
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    connector_config: ConnectorConfig = field(default_factory=ConnectorConfig)
+    text_config: dict[str, Any] = field(default_factory=dict)  # mlx-lm's args, own model_type
+    preprocess_config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    image_token: str = "<image>"
+    image_token_id: int = 0
+    num_image_tokens: int = 144
+    quantization: dict[str, Any] | None = None
+    model_type: str = "mm1"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MM1Config":
+        values = dict(values)
+        values["vision_config"] = VisionConfig.from_dict(values.get("vision_config", {}))
+        values["connector_config"] = ConnectorConfig.from_dict(values.get("connector_config", {}))
+        pre = values.get("preprocess_config", {})
+        values["preprocess_config"] = PreprocessConfig.from_dict(pre)
+        return super().from_dict.__func__(cls, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out["quantization"] is None:
+            del out["quantization"]
+        return out
