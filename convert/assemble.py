@@ -1,0 +1,116 @@
+"""Assemble a full MM1 model folder from a vision encoder, an LLM and (optionally) a connector."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mm1_mlx.config import ConnectorConfig, MM1Config
+from mm1_mlx.connectors import build_connector
+from mm1_mlx.convert.connector import convert_connector
+from mm1_mlx.convert.llm import (
+    add_image_token,
+    load_llm_weights,
+    load_tokenizer,
+    read_text_config,
+    save_tokenizer,
+)
+from mm1_mlx.convert.vision import convert_vision
+from mm1_mlx.errors import UserError
+from mm1_mlx.loading import atomic_folder, resolve_path, save_weights, write_config
+from mm1_mlx.model import MM1Model
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# Hub look-ups fetch configs and weights, preferring safetensors; open_clip repos ship .bin.
+_VISION_PATTERNS = ["*.json", "*.safetensors", "open_clip_pytorch_model.bin"]
+_CONNECTOR_PATTERNS = ["*.json", "*.safetensors", "*.bin"]
+
+
+def _prefixed(prefix: str, weights: dict[str, Any], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    out = {}
+    for name, value in weights.items():
+        array = value if isinstance(value, mx.array) else mx.array(value)
+        out[f"{prefix}.{name}"] = array if dtype is None else array.astype(dtype)
+    return out
+
+
+def _check_complete(config: MM1Config, weights: dict[str, mx.array]) -> None:
+    """Every parameter of the assembled model is present with the right shape."""
+    model = MM1Model(config)  # lazy: allocates nothing
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as error:
+        raise UserError(f"the parts do not fit together: {' '.join(str(error).split())}") from None
+
+
+def convert_model(
+    vision: str | Path,
+    llm: str | Path,
+    out: Path,
+    connector: str | Path | None = None,
+    connector_type: str = "c-abstractor",
+    num_image_tokens: int = 144,
+    dtype: str | None = None,
+    vision_overrides: dict[str, Any] | None = None,
+    image_token: str = "<image>",
+    overwrite: bool = False,
+    step: Callable[[str], None] = lambda _: None,
+) -> MM1Config:
+    """Convert and write a model folder at `out`; `step(description)` reports progress."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
+    cast = DTYPES.get(dtype)
+    side = int(num_image_tokens**0.5)
+    if side * side != num_image_tokens:
+        raise UserError(f"--num-image-tokens must be a square number, not {num_image_tokens}")
+
+    step("vision encoder")
+    vision_config, preprocess, vision_weights = convert_vision(
+        resolve_path(vision, _VISION_PATTERNS), **(vision_overrides or {})
+    )
+    step("language model")
+    llm_path = resolve_path(llm)
+    text_config = read_text_config(llm_path)
+    decoder_weights = load_llm_weights(llm_path, text_config, cast)
+    tokenizer = load_tokenizer(llm_path)
+    image_token_id = add_image_token(tokenizer, image_token, text_config, decoder_weights)
+
+    step("connector")
+    connector_config = ConnectorConfig(
+        model_type=connector_type,
+        input_dim=vision_config.width,
+        output_dim=text_config["hidden_size"],
+        num_input_tokens=vision_config.num_patches,
+        num_tokens=num_image_tokens,
+    )
+    if connector is None:
+        connector_weights = dict(tree_flatten(build_connector(connector_config).parameters()))
+    else:
+        connector_path = resolve_path(connector, _CONNECTOR_PATTERNS)
+        connector_config, connector_weights = convert_connector(connector_path, connector_config)
+
+    config = MM1Config(
+        vision_config=vision_config,
+        connector_config=connector_config,
+        text_config=text_config,
+        preprocess_config=preprocess,
+        image_token=image_token,
+        image_token_id=image_token_id,
+        num_image_tokens=connector_config.num_tokens,
+    )
+    weights = {
+        **_prefixed("vision", vision_weights, cast),
+        **_prefixed("connector", connector_weights, cast),
+        **_prefixed("decoder", decoder_weights, None),
+    }
+    _check_complete(config, weights)
+
+    step("writing")
+    with atomic_folder(Path(out), overwrite) as tmp:
+        save_weights(tmp, weights)
+        write_config(tmp, config)
+        save_tokenizer(tokenizer, tmp, llm_path)
+    return config

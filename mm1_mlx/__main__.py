@@ -1,0 +1,3 @@
+from mm1_mlx.cli import main
+
+main()

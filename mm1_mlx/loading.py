@@ -1,0 +1,194 @@
+"""Model folders on disk (DESIGN.md, "A model on disk"): load, save, and hub look-up.
+
+A folder holds config.json (`model_type: "mm1"`), model.safetensors (or shards with
+model.safetensors.index.json) with `vision.`, `connector.`, `decoder.` weight names, and the
+tokenizer files. Folders are written atomically: into a temporary sibling, then renamed.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mm1_mlx.config import MM1Config
+from mm1_mlx.errors import UserError
+from mm1_mlx.model import MM1Model
+
+MAX_SHARD_BYTES = 5 << 30
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_path(path_or_repo: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local file or folder as it is; otherwise a hub repo id, downloaded (or from the cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise UserError(f"{text}: no such file or folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=allow_patterns or _HUB_PATTERNS))
+    except Exception as error:  # the hub raises many types; all mean "not available here"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{text}: not a local path, and the hub download failed: {reason}") from None
+
+
+def read_config(folder: Path) -> MM1Config:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json)")
+    try:
+        values = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config_path}: invalid JSON ({error})") from None
+    if values.get("model_type") != "mm1":
+        found = values.get("model_type")
+        raise UserError(f"{config_path}: model_type is {found!r}, not 'mm1' (convert it first)")
+    return MM1Config.from_dict(values)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise UserError(f"{folder}: no model.safetensors")
+
+
+def quantize_like(model: nn.Module, quantization: dict[str, Any], weights: dict) -> None:
+    """Turn the layers whose saved weights are quantized into quantized layers."""
+
+    def is_quantized(path: str, module: nn.Module) -> bool:
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        class_predicate=is_quantized,
+    )
+
+
+def load_model(path_or_repo: str | Path, lazy: bool = False) -> MM1Model:
+    folder = resolve_path(path_or_repo)
+    config = read_config(folder)
+    model = MM1Model(config)
+    weights: dict[str, mx.array] = {}
+    for file in _weight_files(folder):
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError) as error:
+            raise UserError(f"{file}: cannot read weights ({error})") from None
+    if config.quantization:
+        quantize_like(model, config.quantization, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        raise UserError(f"{folder}: weights do not match config.json: {message}") from None
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path_or_repo: str | Path, lazy: bool = False):
+    """`model, processor = load(folder_or_hub_id)`."""
+    from mm1_mlx.processor import Processor
+
+    folder = resolve_path(path_or_repo)
+    model = load_model(folder, lazy=lazy)
+    return model, Processor.from_folder(folder, model.config)
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that replaces `out` only once everything in it was written."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_weights(folder: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES):
+    """model.safetensors, or shards plus model.safetensors.index.json past max_shard_bytes."""
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += nbytes
+    if len(shards) == 1:
+        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(w.nbytes for w in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_config(folder: Path, config: MM1Config) -> None:
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def save_model(
+    model: MM1Model, out: Path, tokenizer_folder: Path, overwrite: bool = False
+) -> None:
+    """Write `model` as a model folder, with the tokenizer files copied from tokenizer_folder."""
+    with atomic_folder(out, overwrite) as tmp:
+        save_weights(tmp, dict(tree_flatten(model.parameters())))
+        write_config(tmp, model.config)
+        copy_tokenizer_files(tokenizer_folder, tmp)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
