@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from mm1_mlx.convert.torch_reader import open_checkpoint
 from mm1_mlx.errors import UserError
-from mm1_mlx.model import decoder_classes
+from mm1_mlx.decoder import decoder_classes
 
 _NOISE_KEYS = ("_name_or_path", "id2label", "label2id", "transformers_version")
 

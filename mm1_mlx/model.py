@@ -5,35 +5,17 @@ Image features replace the embeddings of the image placeholder tokens: `input_id
 images in `pixels` fill those positions in order, across the whole batch.
 """
 
-import importlib
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import MODEL_REMAPPING
+from mlx_lm.models.cache import make_prompt_cache
 
 from mm1_mlx.config import MM1Config
 from mm1_mlx.connectors import build_connector
+from mm1_mlx.decoder import build_decoder
 from mm1_mlx.errors import UserError
 from mm1_mlx.vision import VisionTransformer
-
-
-def decoder_classes(text_config: dict[str, Any]) -> tuple[type, type]:
-    """mlx-lm's (Model, ModelArgs) for a text config, as mlx-lm itself resolves them."""
-    model_type = text_config.get("model_type")
-    if not model_type:
-        raise UserError("text_config has no model_type")
-    model_type = MODEL_REMAPPING.get(model_type, model_type)
-    try:
-        module = importlib.import_module(f"mlx_lm.models.{model_type}")
-    except ImportError:
-        raise UserError(f"mlx-lm has no decoder of model_type '{model_type}'") from None
-    return module.Model, module.ModelArgs
-
-
-def build_decoder(text_config: dict[str, Any]) -> nn.Module:
-    model_class, args_class = decoder_classes(text_config)
-    return model_class(args_class.from_dict(text_config))
 
 
 class MM1Model(nn.Module):
@@ -99,6 +81,4 @@ class MM1Model(nn.Module):
         return self.decoder(input_ids, cache=cache, input_embeddings=embeddings)
 
     def make_cache(self) -> list[Any]:
-        from mlx_lm.models.cache import make_prompt_cache
-
         return make_prompt_cache(self.decoder)

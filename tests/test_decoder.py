@@ -8,7 +8,7 @@ from builders import make_llm
 from helpers import relative_error
 
 from mm1_mlx.convert.llm import load_llm_weights, read_text_config
-from mm1_mlx.model import build_decoder
+from mm1_mlx.decoder import build_decoder
 
 
 def _converted_decoder(folder):
