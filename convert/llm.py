@@ -13,8 +13,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mm1_mlx.convert.torch_reader import open_checkpoint
-from mm1_mlx.errors import UserError
 from mm1_mlx.decoder import decoder_classes
+from mm1_mlx.errors import UserError
 
 _NOISE_KEYS = ("_name_or_path", "id2label", "label2id", "transformers_version")
 
@@ -74,7 +74,9 @@ def load_llm_weights(
     for name, shape in expected.items():
         if tuple(weights[name].shape) != tuple(shape):
             got = tuple(weights[name].shape)
-            raise UserError(f"{folder}: weight '{name}' has shape {got}, config says {tuple(shape)}")
+            raise UserError(
+                f"{folder}: weight '{name}' has shape {got}, config says {tuple(shape)}"
+            )
     return {name: weights[name] for name in expected}
 
 
@@ -92,7 +94,9 @@ def add_image_token(
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         table = weights.get(name)
         if table is not None and token_id >= table.shape[0]:
-            extra = mx.broadcast_to(table.mean(axis=0), (token_id + 1 - table.shape[0], table.shape[1]))
+            extra = mx.broadcast_to(
+                table.mean(axis=0), (token_id + 1 - table.shape[0], table.shape[1])
+            )
             weights[name] = mx.concatenate([table, extra.astype(table.dtype)])
     if token_id >= text_config["vocab_size"]:
         if "model.embed_tokens.weight" not in weights:
@@ -121,5 +125,6 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # transformers raises many kinds for a bad tokenizer folder
-        raise UserError(f"{folder}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
-
+        raise UserError(
+            f"{folder}: cannot load the tokenizer ({str(error).splitlines()[0]})"
+        ) from None

@@ -23,17 +23,36 @@ def _root() -> None:
 
 @app.command()
 def convert(
-    vision: Annotated[str, typer.Option(help="Vision encoder: open_clip file/folder, HF CLIP or SigLIP folder, or hub id.")],
+    vision: Annotated[
+        str,
+        typer.Option(
+            help="Vision encoder: open_clip file/folder, HF CLIP or SigLIP folder, or hub id."
+        ),
+    ],
     llm: Annotated[str, typer.Option(help="Decoder: an HF causal-LM folder or hub id.")],
     out: Annotated[Path, typer.Option(help="Output model folder.")],
-    connector: Annotated[str | None, typer.Option(help="Honeybee checkpoint with a C-Abstractor; fresh if omitted.")] = None,
-    connector_type: Annotated[str, typer.Option(help="c-abstractor, avg-pool or attn-pool.")] = "c-abstractor",
+    connector: Annotated[
+        str | None, typer.Option(help="Honeybee checkpoint with a C-Abstractor; fresh if omitted.")
+    ] = None,
+    connector_type: Annotated[
+        str, typer.Option(help="c-abstractor, avg-pool or attn-pool.")
+    ] = "c-abstractor",
     num_image_tokens: Annotated[int, typer.Option(help="Image tokens per image (a square).")] = 144,
-    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (default: keep).")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input resolution (position embeddings are interpolated).")] = None,
-    feature_layer: Annotated[int | None, typer.Option(help="Encoder hidden state fed to the connector (-1: last block).")] = None,
-    vision_heads: Annotated[int | None, typer.Option(help="open_clip without open_clip_config.json: attention heads.")] = None,
-    vision_act: Annotated[str | None, typer.Option(help="open_clip without config: quick_gelu or gelu.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, float16 or bfloat16 (default: keep).")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input resolution (position embeddings are interpolated).")
+    ] = None,
+    feature_layer: Annotated[
+        int | None, typer.Option(help="Encoder hidden state fed to the connector (-1: last block).")
+    ] = None,
+    vision_heads: Annotated[
+        int | None, typer.Option(help="open_clip without open_clip_config.json: attention heads.")
+    ] = None,
+    vision_act: Annotated[
+        str | None, typer.Option(help="open_clip without config: quick_gelu or gelu.")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Assemble an MM1 model folder from PyTorch-format vision, LLM and connector weights."""
@@ -69,9 +88,9 @@ def convert(
             step=step,
         )
         progress.update(task, completed=len(steps))
-    vision_config = config.vision_config
+    vision = config.vision_config
     typer.echo(
-        f"wrote {out}: {vision_config.model_type} ViT {vision_config.width}x{vision_config.layers}, "
+        f"wrote {out}: {vision.model_type} ViT {vision.width}x{vision.layers}, "
         f"{config.connector_config.model_type} ({config.num_image_tokens} tokens), "
         f"{config.text_config['model_type']} decoder; image token {config.image_token!r} "
         f"= id {config.image_token_id}"

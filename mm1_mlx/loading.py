@@ -40,7 +40,9 @@ def resolve_path(path_or_repo: str | Path, allow_patterns: list[str] | None = No
         return Path(snapshot_download(text, allow_patterns=allow_patterns or _HUB_PATTERNS))
     except Exception as error:  # the hub raises many types; all mean "not available here"
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{text}: not a local path, and the hub download failed: {reason}") from None
+        raise UserError(
+            f"{text}: not a local path, and the hub download failed: {reason}"
+        ) from None
 
 
 def read_config(folder: Path) -> MM1Config:
@@ -136,7 +138,9 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def save_weights(folder: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES):
+def save_weights(
+    folder: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES
+):
     """model.safetensors, or shards plus model.safetensors.index.json past max_shard_bytes."""
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
@@ -148,7 +152,9 @@ def save_weights(folder: Path, weights: dict[str, mx.array], max_shard_bytes: in
         shards[-1][name] = weights[name]
         size += nbytes
     if len(shards) == 1:
-        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        mx.save_safetensors(
+            str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"}
+        )
         return
     weight_map = {}
     for i, shard in enumerate(shards):
@@ -164,9 +170,7 @@ def write_config(folder: Path, config: MM1Config) -> None:
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
-def save_model(
-    model: MM1Model, out: Path, tokenizer_folder: Path, overwrite: bool = False
-) -> None:
+def save_model(model: MM1Model, out: Path, tokenizer_folder: Path, overwrite: bool = False) -> None:
     """Write `model` as a model folder, with the tokenizer files copied from tokenizer_folder."""
     with atomic_folder(out, overwrite) as tmp:
         save_weights(tmp, dict(tree_flatten(model.parameters())))

@@ -56,7 +56,9 @@ class MM1Model(nn.Module):
         if image_features is None and pixels is not None:
             image_features = self.encode_images(pixels)
         num_slots = int(is_image.sum().item())
-        num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        num_features = (
+            0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        )
         if num_slots != num_features:
             raise ValueError(
                 f"input_ids hold {num_slots} image tokens but the images give {num_features} "

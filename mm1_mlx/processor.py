@@ -35,7 +35,9 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray
         inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         fill = tuple(round(255 * m) for m in config.mean)
         canvas = Image.new("RGB", (size, size), fill)
-        canvas.paste(image.resize(inner, resample), ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        canvas.paste(
+            image.resize(inner, resample), ((size - inner[0]) // 2, (size - inner[1]) // 2)
+        )
         image = canvas
     else:
         raise UserError(f"unknown resize_mode {config.resize_mode!r} (squash or pad)")
@@ -67,10 +69,14 @@ class Processor:
         image_id = self.config.image_token_id
         found = ids.count(image_id)
         if found != num_images:
-            raise UserError(f"the prompt has {found} {self.image_token} markers but {num_images} images")
+            raise UserError(
+                f"the prompt has {found} {self.image_token} markers but {num_images} images"
+            )
         expanded: list[int] = []
         for token in ids:
-            expanded.extend([token] * self.config.num_image_tokens if token == image_id else [token])
+            expanded.extend(
+                [token] * self.config.num_image_tokens if token == image_id else [token]
+            )
         return expanded
 
     def __call__(self, text: str, images: list[ImageInput] = ()) -> dict[str, mx.array | None]:

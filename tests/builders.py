@@ -25,7 +25,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+TOKENIZER_SIZE = 320
+
+
+def make_tokenizer(folder: Path, vocab_size: int = TOKENIZER_SIZE) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few sentences, saved with a chat template."""
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,8 +58,13 @@ LLM_SIZES = dict(
 )
 
 
-def make_llm(folder: Path, arch: str = "llama", vocab_size: int = 320, **overrides) -> torch.nn.Module:
-    """A tiny HF causal LM (llama or qwen2) with its tokenizer, saved as safetensors."""
+def make_llm(
+    folder: Path, arch: str = "llama", vocab_size: int = 320, **overrides
+) -> torch.nn.Module:
+    """A tiny HF causal LM (llama or qwen2) with its tokenizer, saved as safetensors.
+
+    `vocab_size` is the embedding table's; the tokenizer always has TOKENIZER_SIZE tokens.
+    """
     torch.manual_seed(0)
     sizes = {**LLM_SIZES, "vocab_size": vocab_size, "rope_theta": 5000.0, **overrides}
     if arch == "llama":
@@ -68,7 +76,7 @@ def make_llm(folder: Path, arch: str = "llama", vocab_size: int = 320, **overrid
     _randomize_norms(model)
     model.eval()
     model.save_pretrained(str(folder))
-    make_tokenizer(folder, vocab_size)
+    make_tokenizer(folder)
     return model
 
 
@@ -96,4 +104,8 @@ def _randomize_norms(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or "layrnorm" in name:
-                param.copy_(1.0 + 0.2 * torch.randn_like(param) if name.endswith("weight") else 0.1 * torch.randn_like(param))
+                param.copy_(
+                    1.0 + 0.2 * torch.randn_like(param)
+                    if name.endswith("weight")
+                    else 0.1 * torch.randn_like(param)
+                )
