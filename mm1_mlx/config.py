@@ -23,8 +23,11 @@ class VisionConfig(_FromDict):
     """A ViT image encoder: CLIP-style (class token, ln_pre) or SigLIP-style (neither)."""
 
     model_type: str = "clip"  # "clip" or "siglip"
-    image_size: int = 378
+    image_size: int = 378  # input size the model runs at (its patch grid: grid_size)
     patch_size: int = 14
+    # Side of the stored position-embedding grid (None: grid_size). Other grids get the table
+    # bicubic-resized at run time, e.g. DFN5B's 27x27 at 672px (MM1's high-resolution SFT).
+    position_grid: int | None = None
     width: int = 1280
     layers: int = 32
     heads: int = 16

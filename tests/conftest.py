@@ -9,4 +9,3 @@ import pytest
 def _seed():
     np.random.seed(0)
     mx.random.seed(0)
-

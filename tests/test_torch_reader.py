@@ -15,13 +15,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from mm1_mlx.convert.torch_reader import (
     CheckpointError,
     TensorRef,
     open_checkpoint,
     read_torch_checkpoint,
 )
-from safetensors.torch import save_file
 
 ALL_DTYPES = [
     torch.float32,

@@ -1,0 +1,133 @@
+"""The ViT image encoder: CLIP-style (open_clip, HF CLIPVisionModel) or SigLIP-style.
+
+CLIP: class token, patch conv without bias, ln_pre, quick_gelu or gelu. SigLIP: no class token,
+patch conv with bias, no ln_pre, gelu-tanh (its attention-pooling head is not needed here).
+Both: learned position embeddings, pre-norm blocks, ln_post.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mm1_mlx.config import VisionConfig
+from mm1_mlx.interpolate import resize_bicubic
+
+ACTIVATIONS = {
+    "quick_gelu": nn.gelu_fast_approx,  # x * sigmoid(1.702 x), OpenAI CLIP / DFN5B
+    "gelu": nn.gelu,  # erf
+    "gelu_tanh": nn.gelu_approx,  # SigLIP's gelu_pytorch_tanh
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dims // heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims)
+        self.k_proj = nn.Linear(dims, dims)
+        self.v_proj = nn.Linear(dims, dims)
+        self.out_proj = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        batch, length, dims = x.shape
+
+        def split_heads(y):
+            return y.reshape(batch, length, self.heads, -1).transpose(0, 2, 1, 3)
+
+        q, k, v = (split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dims))
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden_dims: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dims, hidden_dims)
+        self.fc2 = nn.Linear(hidden_dims, dims)
+        self.act = ACTIVATIONS[act]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.attn = Attention(config.width, config.heads)
+        self.ln_2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = MLP(config.width, config.mlp_dim, config.act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        if config.act not in ACTIVATIONS:
+            raise ValueError(f"vision act {config.act!r} is not one of {sorted(ACTIVATIONS)}")
+        if config.heads < 1 or config.width % config.heads:
+            raise ValueError(
+                f"vision width {config.width} is not a multiple of heads {config.heads}"
+            )
+        if not -config.layers - 1 <= config.feature_layer <= config.layers:
+            raise ValueError(
+                f"vision feature_layer {config.feature_layer} is outside "
+                f"[{-config.layers - 1}, {config.layers}] for {config.layers} layers"
+            )
+        self.config = config
+        # hidden_states[i] is the output of block i (0: the embeddings), so run i blocks.
+        self.num_blocks_run = config.feature_layer % (config.layers + 1)
+
+        self.position_grid = config.position_grid or config.grid_size
+
+        width, patch = config.width, config.patch_size
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch, bias=config.patch_bias)
+        if config.class_token:
+            self.class_embedding = mx.zeros((width,))
+        num_positions = self.position_grid**2 + int(config.class_token)
+        self.position_embedding = mx.zeros((num_positions, width))
+        if config.pre_norm:
+            self.ln_pre = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.blocks = [Block(config) for _ in range(config.layers)]
+        self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+    def position_embeddings(self, grid_height: int, grid_width: int) -> mx.array:
+        """[tokens, width] position embeddings for a patch grid, bicubic-resized if it is not
+        the stored one (like transformers' `interpolate_pos_encoding=True`; CLS kept as is).
+
+        Recomputed on every call: two small matmuls, and it stays right while training.
+        """
+        table = self.position_embedding
+        if self.config.class_token:
+            class_position, table = table[:1], table[1:]
+        grid = self.position_grid
+        if (grid_height, grid_width) != (grid, grid):
+            table = resize_bicubic(table.reshape(grid, grid, -1), (grid_height, grid_width))
+            table = table.reshape(grid_height * grid_width, -1)
+        if self.config.class_token:
+            table = mx.concatenate([class_position, table])
+        return table
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        """pixels [B, H, W, 3], normalized -> patch features [B, (H // patch) * (W // patch),
+        width] at `feature_layer`, CLS dropped. Like PyTorch's conv, the patch embedding drops
+        a remainder (SigLIP so400m-patch14-384 runs at 384 on a 27x27 grid)."""
+        x = self.patch_embed(pixels)
+        batch, grid_height, grid_width, width = x.shape
+        x = x.reshape(batch, grid_height * grid_width, width)
+        if self.config.class_token:
+            cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (batch, 1, width))
+            x = mx.concatenate([cls, x], axis=1)
+        x = x + self.position_embeddings(grid_height, grid_width)
+        if self.config.pre_norm:
+            x = self.ln_pre(x)
+        for block in self.blocks[: self.num_blocks_run]:
+            x = block(x)
+        if self.config.class_token:
+            x = x[:, 1:]
+        if self.config.feature_post_norm:
+            x = self.ln_post(x)
+        return x
