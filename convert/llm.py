@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mm1_mlx.config import read_json
 from mm1_mlx.convert.torch_reader import open_checkpoint
 from mm1_mlx.decoder import decoder_classes
 from mm1_mlx.errors import UserError
@@ -23,15 +24,12 @@ def read_text_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: not an HF model folder (no config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: invalid JSON ({error})") from None
+    config = read_json(path)
     if "model_type" not in config:
         raise UserError(f"{path}: no model_type")
     generation = folder / "generation_config.json"
     if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
+        eos = read_json(generation).get("eos_token_id")
         if eos is not None:
             config["eos_token_id"] = eos
     return fix_rope_parameters({k: v for k, v in config.items() if k not in _NOISE_KEYS})

@@ -6,7 +6,6 @@ the config before any tensor is read, and weights the MLX model has no place for
 an attention pool...) are refused, so a converted encoder computes what the original did.
 """
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -16,7 +15,13 @@ from typing import Any
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mm1_mlx.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, VisionConfig
+from mm1_mlx.config import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PreprocessConfig,
+    VisionConfig,
+    read_json,
+)
 from mm1_mlx.convert.torch_reader import open_checkpoint
 from mm1_mlx.errors import UserError
 from mm1_mlx.vision import VisionTransformer
@@ -169,7 +174,7 @@ def open_clip_config(
     (heads = width // 64, act gelu: open_clip's defaults; DFN5B needs act="quick_gelu")."""
     path = _beside(src, "open_clip_config.json")
     if path.is_file():
-        full = _read_json(path)
+        full = read_json(path)
         model_cfg, preprocess_cfg = full.get("model_cfg", {}), full.get("preprocess_cfg", {})
         cfg = model_cfg.get("vision_cfg", {})
         if cfg.get("timm_model_name") or isinstance(cfg.get("layers"), list):
@@ -253,7 +258,7 @@ def hf_config(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = _beside(src, "config.json")
     if not path.is_file():
         raise UserError(f"{src}: no config.json beside the HF weights")
-    full = _read_json(path)
+    full = read_json(path)
     model_type = full.get("model_type")
     cfg = full.get("vision_config", {}) if model_type in ("clip", "siglip") else full
     if model_type in ("clip", "clip_vision_model"):
@@ -282,7 +287,7 @@ def hf_config(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         patch_bias=siglip,
     )
     processor_path = _beside(src, "preprocessor_config.json")
-    processor = _read_json(processor_path) if processor_path.is_file() else {}
+    processor = read_json(processor_path) if processor_path.is_file() else {}
     size = processor.get("crop_size") or processor.get("size") or vision["image_size"]
     preprocess = dict(
         image_size=_side(size, processor_path),
@@ -299,13 +304,6 @@ def hf_config(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _beside(src: Path, name: str) -> Path:
     """The file `name` in the folder `src` or in the folder holding the file `src`."""
     return (src if src.is_dir() else src.parent) / name
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot read JSON ({error})") from None
 
 
 def _side(size: Any, where: Path) -> int:

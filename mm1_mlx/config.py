@@ -1,11 +1,28 @@
 """Configuration of an MM1 model: plain dataclasses that round-trip through config.json."""
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from mm1_mlx.errors import UserError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or a one-line UserError naming the file."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return values
 
 
 class _FromDict:

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mm1_mlx.config import MM1Config
+from mm1_mlx.config import MM1Config, read_json
 from mm1_mlx.errors import UserError
 from mm1_mlx.model import MM1Model
 
@@ -49,10 +49,7 @@ def read_config(folder: Path) -> MM1Config:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder}: not a model folder (no config.json)")
-    try:
-        values = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{config_path}: invalid JSON ({error})") from None
+    values = read_json(config_path)
     if values.get("model_type") != "mm1":
         found = values.get("model_type")
         raise UserError(f"{config_path}: model_type is {found!r}, not 'mm1' (convert it first)")
@@ -62,7 +59,7 @@ def read_config(folder: Path) -> MM1Config:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map", {})
         return [folder / name for name in sorted(set(weight_map.values()))]
     single = folder / "model.safetensors"
     if single.is_file():
