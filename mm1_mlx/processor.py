@@ -9,12 +9,14 @@ from PIL import Image
 from mm1_mlx.config import MM1Config, PreprocessConfig
 from mm1_mlx.errors import UserError
 
-ImageInput = str | Path | Image.Image
+ImageInput = str | Path | Image.Image | np.ndarray
 
 
 def open_image(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, np.ndarray):  # HWC (or HW) uint8
+        return Image.fromarray(image).convert("RGB")
     try:
         with Image.open(image) as opened:
             return opened.convert("RGB")
@@ -55,8 +57,15 @@ class Processor:
     @classmethod
     def from_folder(cls, folder: Path, config: MM1Config) -> "Processor":
         from mlx_lm.utils import load_tokenizer
+        from transformers.utils import logging
 
-        return cls(load_tokenizer(Path(folder)), config)
+        # transformers warns that config.json's model_type "mm1" is not one of its own.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            return cls(load_tokenizer(Path(folder)), config)
+        finally:
+            logging.set_verbosity(verbosity)
 
     @property
     def image_token(self) -> str:
