@@ -1,0 +1,52 @@
+"""The OpenBLAS loader: used when present, optional, and harmless when too late."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm1_mlx import _openblas
+
+PROBE = """
+import numpy as np
+import mm1_mlx
+import mlx.core as mx
+a = np.random.default_rng(0).standard_normal((300, 200)).astype(np.float32)
+b = np.random.default_rng(1).standard_normal((200, 100)).astype(np.float32)
+error = np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max()
+print(mm1_mlx.OPENBLAS, error)
+"""
+
+
+def probe(env: dict[str, str], prelude: str = "") -> tuple[str, float]:
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + PROBE],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    library, error = result.stdout.split()
+    return library, float(error)
+
+
+has_openblas = _openblas._library_path() is not None
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not has_openblas, reason="needs Linux OpenBLAS")
+def test_openblas_is_loaded_and_matmuls_are_right():
+    library, error = probe({})
+    assert Path(library).name.startswith("libopenblas")
+    assert error < 1e-3
+
+
+def test_it_can_be_turned_off_and_is_skipped_after_mlx():
+    assert probe({"MM1_MLX_OPENBLAS": "0"})[0] == "None"
+    library, error = probe({}, prelude="import mlx.core\n")
+    assert library == "None" and error < 1e-3
+
+
+def test_core_type_comes_from_cpu_flags():
+    assert _openblas._core_type() in (None, "Haswell", "SkylakeX")
