@@ -52,6 +52,7 @@ def convert_model(
     out: Path,
     connector: str | Path | None = None,
     connector_type: str = "c-abstractor",
+    connector_options: dict[str, Any] | None = None,
     num_image_tokens: int = 144,
     dtype: str | None = None,
     vision_overrides: dict[str, Any] | None = None,
@@ -59,7 +60,10 @@ def convert_model(
     overwrite: bool = False,
     step: Callable[[str], None] = lambda _: None,
 ) -> MM1Config:
-    """Convert and write a model folder at `out`; `step(description)` reports progress."""
+    """Convert and write a model folder at `out`; `step(description)` reports progress.
+
+    `connector_options` set a fresh connector's ConnectorConfig fields (hidden_dim, depth, ...).
+    """
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
     cast = DTYPES.get(dtype)
@@ -85,6 +89,7 @@ def convert_model(
         output_dim=text_config["hidden_size"],
         num_input_tokens=vision_config.num_patches,
         num_tokens=num_image_tokens,
+        **(connector_options or {}),
     )
     if connector is None:
         connector_weights = dict(tree_flatten(build_connector(connector_config).parameters()))

@@ -32,7 +32,10 @@ def read_text_config(folder: Path) -> dict[str, Any]:
         eos = read_json(generation).get("eos_token_id")
         if eos is not None:
             config["eos_token_id"] = eos
-    return fix_rope_parameters({k: v for k, v in config.items() if k not in _NOISE_KEYS})
+    config = {k: v for k, v in config.items() if k not in _NOISE_KEYS}
+    if "num_local_experts" in config:  # transformers 5 renamed qwen3_moe's num_experts
+        config.setdefault("num_experts", config["num_local_experts"])
+    return fix_rope_parameters(config)
 
 
 def fix_rope_parameters(config: dict[str, Any]) -> dict[str, Any]:

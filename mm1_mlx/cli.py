@@ -38,6 +38,12 @@ def convert(
         str, typer.Option(help="c-abstractor, avg-pool or attn-pool.")
     ] = "c-abstractor",
     num_image_tokens: Annotated[int, typer.Option(help="Image tokens per image (a square).")] = 144,
+    connector_hidden_dim: Annotated[
+        int, typer.Option(help="Fresh C-Abstractor: RegNet width (Honeybee: 1024).")
+    ] = 1024,
+    connector_depth: Annotated[
+        int, typer.Option(help="Fresh C-Abstractor: RegNet blocks per stage (Honeybee: 3).")
+    ] = 3,
     dtype: Annotated[
         str | None, typer.Option(help="float32, float16 or bfloat16 (default: keep).")
     ] = None,
@@ -81,6 +87,7 @@ def convert(
             out,
             connector=connector,
             connector_type=connector_type,
+            connector_options={"hidden_dim": connector_hidden_dim, "depth": connector_depth},
             num_image_tokens=num_image_tokens,
             dtype=dtype,
             vision_overrides={k: v for k, v in overrides.items() if v is not None},
@@ -95,6 +102,80 @@ def convert(
         f"{config.text_config['model_type']} decoder; image token {config.image_token!r} "
         f"= id {config.image_token_id}"
     )
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
+    out: Annotated[Path, typer.Option(help="Output model folder.")],
+    bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3, 4, 5, 6 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Weights sharing a scale: 32, 64 or 128.")] = 64,
+    vision: Annotated[bool, typer.Option(help="Quantize the vision encoder too.")] = False,
+    report: Annotated[bool, typer.Option(help="Measure the quality cost.")] = True,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Quantize the decoder and connector (and the vision encoder on request)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mm1_mlx.quantize import quantize_folder
+
+    console = Console(stderr=True)
+    with console.status(f"quantizing to {bits} bits, group size {group_size}"):
+        quality = quantize_folder(model, out, bits, group_size, vision, force, report)
+    typer.echo(f"wrote {out}")
+    if quality is not None:
+        table = Table(title=f"{bits}-bit vs the unquantized model")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for name, value in quality.rows():
+            table.add_row(name, value)
+        Console().print(table)
+
+
+@app.command()
+def chat(
+    prompt: Annotated[str | None, typer.Argument(help="Ask once and exit; omit to chat.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model folder or hub id.")] = None,
+    image: Annotated[list[Path] | None, typer.Option(help="An image (repeatable).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    temp: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k likeliest (0: off).")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(help="1.0: off.")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Print TTFT, tokens/s and peak memory.")] = False,
+) -> None:
+    """Chat about images: prints the streamed answer to PROMPT, or starts an interactive chat."""
+    from rich.console import Console
+
+    from mm1_mlx.chat import check_images, interactive, stats_line, stream_answer
+    from mm1_mlx.generate import ChatSession, GenerationSettings
+    from mm1_mlx.loading import load
+
+    if model is None:
+        raise UserError("no --model given (a model folder or hub id)")
+    images = check_images(image or [])
+    settings = GenerationSettings(
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop or ()),
+        seed=seed,
+    )
+    loaded, processor = load(model)
+    session = ChatSession(loaded, processor, settings, system=system)
+    console = Console(stderr=True)
+    if prompt is None:
+        interactive(session, images, verbose, Console())
+        return
+    last = stream_answer(session, prompt, images)
+    if verbose:
+        console.print(stats_line(last), highlight=False)
 
 
 def main() -> None:

@@ -68,16 +68,21 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def quantize_like(model: nn.Module, quantization: dict[str, Any], weights: dict) -> None:
-    """Turn the layers whose saved weights are quantized into quantized layers."""
+    """Turn the layers whose saved weights are quantized into quantized layers, with the
+    settings config.json gives their path where it does (mlx-lm's per-layer format, e.g. MoE
+    routers at 8 bits), else the model's."""
 
-    def is_quantized(path: str, module: nn.Module) -> bool:
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+    def settings(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return quantization.get(path, True)
 
     nn.quantize(
         model,
         group_size=quantization["group_size"],
         bits=quantization["bits"],
-        class_predicate=is_quantized,
+        mode=quantization.get("mode", "affine"),
+        class_predicate=settings,
     )
 
 

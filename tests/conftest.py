@@ -9,3 +9,28 @@ import pytest
 def _seed():
     np.random.seed(0)
     mx.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A converted tiny MM1 model folder (CLIP 48px -> C-Abstractor, 4 tokens -> Llama)."""
+    from builders import make_clip_vision, make_llm
+
+    from mm1_mlx.convert.assemble import convert_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_llm(root / "llm", "llama", vocab_size=336)
+    make_clip_vision(root / "vision")
+    convert_model(
+        root / "vision",
+        root / "llm",
+        root / "model",
+        num_image_tokens=4,
+        connector_options={"hidden_dim": 32, "depth": 1},
+    )
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    return mm1_mlx.load(tiny_model_dir)

@@ -1,6 +1,12 @@
 """Shared helpers for tests (import as `from helpers import ...`)."""
 
+import io
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
 import numpy as np
+
+from mm1_mlx.cli import main
 
 
 def relative_error(actual, expected) -> float:
@@ -9,3 +15,19 @@ def relative_error(actual, expected) -> float:
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+def run_cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
+    """Run the `mm1-mlx` entry point in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_stdin = sys.argv, sys.stdin
+    sys.argv, sys.stdin = ["mm1-mlx", *args], io.StringIO(stdin)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv, sys.stdin = old_argv, old_stdin
+    return code, out.getvalue(), err.getvalue()

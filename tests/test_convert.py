@@ -1,20 +1,16 @@
 """`mm1-mlx convert` end to end: the assembled model equals the same composition in PyTorch."""
 
-import io
 import json
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from builders import make_clip_vision, make_llm
-from helpers import relative_error
+from helpers import relative_error, run_cli
 from torch_refs import HoneybeeCAbstractor
 
 import mm1_mlx
-from mm1_mlx.cli import main
 from mm1_mlx.config import ConnectorConfig
 
 # Tiny parts that fit together: CLIP width 48 at 48 px with 8-px patches (6x6 = 36 patches),
@@ -22,21 +18,6 @@ from mm1_mlx.config import ConnectorConfig
 CONNECTOR = ConnectorConfig(
     input_dim=48, hidden_dim=32, output_dim=64, num_input_tokens=36, num_tokens=4, depth=2
 )
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run the console entry point in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    old_argv, sys.argv = sys.argv, ["mm1-mlx", *args]
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = old_argv
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
