@@ -10,6 +10,10 @@ from mm1_mlx.errors import UserError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# MM1.5 dynamic image splitting (splitting.py): off unless asked for; grids of n_min..n_max
+# tiles (MM1.5 trains with 4..9, infers with up to 4..16), only in prompts with fewer than
+# max_images images.
+SPLITTING_DEFAULTS = {"enabled": False, "n_min": 4, "n_max": 9, "max_images": 3}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -93,10 +97,11 @@ class PreprocessConfig(_FromDict):
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resize_mode: str = "squash"  # "squash" (DFN5B) or "pad" (keep aspect, pad with the mean)
     interpolation: str = "bicubic"
-    splitting: dict[str, Any] = field(default_factory=dict)  # MM1.5 dynamic splitting
+    splitting: dict[str, Any] = field(default_factory=dict)  # SPLITTING_DEFAULTS' keys
 
     def __post_init__(self):
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+        self.splitting = {**SPLITTING_DEFAULTS, **(self.splitting or {})}
 
 
 @dataclass

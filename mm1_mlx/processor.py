@@ -1,57 +1,231 @@
-"""Images and text -> model inputs: resized, normalized pixels and expanded image tokens."""
+"""Images and prompts -> model inputs: the prompt's token ids and its images' tiles.
 
+A prompt marks each image with `<image>` (config.image_token). Each image becomes one tile (the
+whole picture, resized as the encoder was trained) or, with MM1.5 splitting (splitting.py), its
+grid's tiles and an overview, each behind a text marker. Every tile takes num_image_tokens
+copies of image_token_id in `input_ids`, in the order of `tiles`.
+"""
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import mlx.core as mx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from mm1_mlx import splitting
 from mm1_mlx.config import MM1Config, PreprocessConfig
 from mm1_mlx.errors import UserError
 
-ImageInput = str | Path | Image.Image | np.ndarray
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+# Larger or more elongated images are refused: decompression bombs, corrupt headers, and
+# sizes no encoder input can use. 64 MP is below PIL's own bomb warning (89 MP).
+MAX_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 100
+WHITE = (255, 255, 255, 255)
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
-def open_image(image: ImageInput) -> Image.Image:
+def load_image(image: ImageInput) -> Image.Image:
+    """A path, bytes, PIL image or uint8 HxW / HxWxC array -> a decoded RGB image, turned
+    upright per its EXIF orientation. Bad input raises a one-line UserError naming it."""
+    name = _describe(image)
+    if isinstance(image, np.ndarray):
+        image = _image_from_array(image, name)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):  # HWC (or HW) uint8
-        return Image.fromarray(image).convert("RGB")
-    try:
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"{image}: no such image file") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"{image}: not a readable image ({error})") from None
+        return _decode_image(image, name)
+    with _open_image_file(image, name) as opened:
+        return _decode_image(opened, name)
 
 
-def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """A PIL image -> [size, size, 3] float32, normalized with the encoder's mean and std."""
-    size = config.image_size
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[config.interpolation]
-    if config.resize_mode == "squash":
-        image = image.resize((size, size), resample)
-    elif config.resize_mode == "pad":
-        scale = size / max(image.size)
-        inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        fill = tuple(round(255 * m) for m in config.mean)
-        canvas = Image.new("RGB", (size, size), fill)
-        canvas.paste(
-            image.resize(inner, resample), ((size - inner[0]) // 2, (size - inner[1]) // 2)
+def _describe(image: Any) -> str:
+    """How error messages name an image input."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    if isinstance(image, (bytes, bytearray)):
+        return f"image bytes ({len(image)} bytes)"
+    if isinstance(image, Image.Image):
+        return "PIL image"
+    if isinstance(image, np.ndarray):
+        return "numpy image"
+    return f"{type(image).__name__} image"
+
+
+def _image_from_array(array: np.ndarray, name: str) -> Image.Image:
+    channels = array.shape[2] if array.ndim == 3 else 1
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or channels not in (1, 3, 4):
+        raise UserError(
+            f"{name}: expected uint8 HxW or HxWxC with C in 1, 3, 4; "
+            f"got {array.dtype} {array.shape}"
         )
-        image = canvas
+    _check_size((array.shape[1], array.shape[0]), name)
+    if array.ndim == 3 and channels == 1:
+        array = array[..., 0]
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _open_image_file(image: Any, name: str) -> Image.Image:
+    """Image.open on a path or bytes: reads the header only."""
+    if isinstance(image, (str, Path)):
+        source = Path(image)
+        if not source.is_file():
+            raise UserError(f"{name}: no such image file")
+        empty = source.stat().st_size == 0
+    elif isinstance(image, (bytes, bytearray)):
+        source, empty = io.BytesIO(image), not image
     else:
-        raise UserError(f"unknown resize_mode {config.resize_mode!r} (squash or pad)")
+        raise UserError(f"cannot read an image from a {type(image).__name__}")
+    if empty:
+        raise UserError(f"{name}: empty file, not an image")
+    try:
+        return Image.open(source)
+    except Image.DecompressionBombError:
+        raise UserError(f"{name}: too many pixels (more than {MAX_PIXELS:,})") from None
+    except Image.UnidentifiedImageError:
+        raise UserError(f"{name}: not an image (unknown format)") from None
+    except Exception as error:  # PIL's format plugins raise many types on corrupt headers
+        raise UserError(f"{name}: not a readable image ({_first_line(error)})") from None
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise UserError(f"{name}: empty image ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{name}: {width}x{height} has too many pixels (more than {MAX_PIXELS:,})")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UserError(f"{name}: {width}x{height} is too elongated (over {MAX_ASPECT_RATIO}:1)")
+
+
+def _decode_image(image: Image.Image, name: str) -> Image.Image:
+    _check_size(image.size, name)
+    try:
+        image.load()  # the full decode happens here, so truncated files fail here
+        return to_rgb(ImageOps.exif_transpose(image))
+    except Exception as error:  # decoders raise many types on corrupt data
+        raise UserError(f"{name}: not a readable image ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> RGB: transparency composited on white, 16-bit grey scaled to 8 bits."""
+    if image.mode.startswith("I"):  # I;16 (16-bit PNG) or I: PIL's RGB conversion would clip
+        grey = np.asarray(image).astype(np.float64) / 257
+        image = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, WHITE)
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _resample_filter(config: PreprocessConfig) -> int:
+    if config.interpolation not in RESAMPLE:
+        raise UserError(
+            f"unknown interpolation {config.interpolation!r} in config.json "
+            f"({' or '.join(RESAMPLE)})"
+        )
+    return RESAMPLE[config.interpolation]
+
+
+def place_in_canvas(
+    image: Image.Image, canvas: tuple[int, int], config: PreprocessConfig
+) -> Image.Image:
+    """`image` resized to fit `canvas` with its aspect ratio kept, centred, padded with the
+    mean colour (which normalizes to about zero)."""
+    inner = splitting.fit_size(image.size, canvas)
+    fill = tuple(round(255 * m) for m in config.mean)
+    out = Image.new("RGB", canvas, fill)
+    offset = ((canvas[0] - inner[0]) // 2, (canvas[1] - inner[1]) // 2)
+    out.paste(image.resize(inner, _resample_filter(config)), offset)
+    return out
+
+
+def resize_image(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """The whole image at the encoder's square input size, as the encoder was trained:
+    "squash" (DFN5B) ignores the aspect ratio, "pad" keeps it."""
+    size = config.image_size
+    if config.resize_mode == "squash":
+        return image.resize((size, size), _resample_filter(config))
+    if config.resize_mode == "pad":
+        return place_in_canvas(image, (size, size), config)
+    raise UserError(f"unknown resize_mode {config.resize_mode!r} in config.json (squash or pad)")
+
+
+def normalize(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """An RGB image -> [H, W, 3] float32 with the encoder's mean and std."""
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     return (pixels - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32)
 
 
+def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """An RGB image -> the encoder's [size, size, 3] input for the whole picture."""
+    return normalize(resize_image(image, config), config)
+
+
+def _image_digest(image: Image.Image, config: PreprocessConfig) -> str:
+    """A hash of the image's pixels and of the settings its tiles are made with."""
+    settings = (image.size, config.image_size, config.mean, config.std)
+    settings += (config.resize_mode, config.interpolation)
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class PromptInputs:
+    """A tokenized prompt with its images' tiles (see the module docstring)."""
+
+    input_ids: list[int]
+    tiles: np.ndarray | None  # [num_tiles, S, S, 3] float32, None without images
+    # Per tile: "<_image_digest>/whole" or "<_image_digest>/<rows>x<columns>/<left>,<top>", so
+    # the engine can cache encoded tiles: the same picture is encoded once.
+    tile_keys: list[str]
+    image_sizes: list[tuple[int, int]]  # (width, height) of each image, in prompt order
+
+    def to_model(self) -> dict[str, mx.array | None]:
+        pixels = None if self.tiles is None else mx.array(self.tiles)
+        return {"input_ids": mx.array([self.input_ids]), "pixels": pixels}
+
+
+@dataclass
+class _ImageBlock:
+    """One image's part of a prompt: the text its marker becomes, its tiles and their keys."""
+
+    text: str
+    tiles: list[np.ndarray]
+    keys: list[str]
+
+
+_NEXT_IMAGE = object()  # a marker whose image is the next of the `images` argument
+
+
+def _check_marker_count(markers: int, images: int, image_token: str) -> None:
+    if markers != images:
+        raise UserError(f"the prompt has {markers} {image_token} markers but {images} images")
+
+
+def fallback_chat(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    """The chat format for tokenizers without a chat template: a line "Role: content" per
+    message (role capitalised), then "Assistant:" when asking for an answer."""
+    turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return turns + ("Assistant:" if add_generation_prompt else "")
+
+
 class Processor:
-    """Turns a prompt with `<image>` markers and its images into `input_ids` and `pixels`."""
+    """Prompts with `<image>` markers and their images -> PromptInputs."""
 
     def __init__(self, tokenizer, config: MM1Config):
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper
         self.config = config
 
     @classmethod
@@ -71,24 +245,154 @@ class Processor:
     def image_token(self) -> str:
         return self.config.image_token
 
-    def preprocess(self, image: ImageInput) -> np.ndarray:
-        return preprocess_image(open_image(image), self.config.preprocess_config)
+    def encode(
+        self,
+        text: str,
+        images: Sequence[ImageInput] = (),
+        split: bool | None = None,
+        n_min: int | None = None,
+        n_max: int | None = None,
+    ) -> PromptInputs:
+        """Raw text with `<image>` markers (no chat template), one image per marker.
 
-    def expand_image_tokens(self, ids: list[int], num_images: int) -> list[int]:
+        `split`, `n_min`, `n_max` override the config's MM1.5 splitting settings."""
+        return self._prompt_inputs(text, list(images), split, n_min, n_max)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        images: Sequence[ImageInput] = (),
+        add_generation_prompt: bool = True,
+        split: bool | None = None,
+        n_min: int | None = None,
+        n_max: int | None = None,
+    ) -> PromptInputs:
+        """A conversation rendered with the tokenizer's chat template, then encoded.
+
+        Content is a string (with `<image>` markers) or a list of parts: {"type": "text",
+        "text": ...}, {"type": "image"} (the next of `images`) or {"type": "image", "image":
+        ImageInput}. Parts are joined as they are, an image part becoming `<image>`."""
+        conversation, ordered_images = self._flatten_messages(messages, images)
+        text = self.render(conversation, add_generation_prompt)
+        return self._prompt_inputs(text, ordered_images, split, n_min, n_max)
+
+    def __call__(self, text: str, images: Sequence[ImageInput] = ()) -> dict[str, mx.array | None]:
+        return self.encode(text, images).to_model()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def _flatten_messages(
+        self, messages: list[dict[str, Any]], images: Sequence[ImageInput]
+    ) -> tuple[list[dict[str, Any]], list[ImageInput]]:
+        """Messages with string content (text-only templates expect strings) and the prompt's
+        images in marker order."""
+        slots: list[Any] = []  # per marker, in order: its image, or _NEXT_IMAGE
+        conversation = []
+        for message in messages:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise UserError(f"a chat message needs a role and a content, not {message!r:.80}")
+            conversation.append(
+                {**message, "content": self._content_text(message["content"], slots)}
+            )
+        wanted = sum(slot is _NEXT_IMAGE for slot in slots)
+        _check_marker_count(wanted, len(images), self.image_token)
+        supplied = iter(images)
+        return conversation, [next(supplied) if s is _NEXT_IMAGE else s for s in slots]
+
+    def _content_text(self, content: str | list[dict[str, Any]], slots: list[Any]) -> str:
+        """A message's content as a string with `<image>` markers; records each marker's image
+        in `slots`."""
+        if isinstance(content, str):
+            slots.extend([_NEXT_IMAGE] * content.count(self.image_token))
+            return content
+        pieces = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                pieces.append(self._content_text(part.get("text", ""), slots))
+            elif kind == "image":
+                slots.append(part.get("image", _NEXT_IMAGE))
+                pieces.append(self.image_token)
+            else:
+                raise UserError(f"unknown chat message part {part!r:.80} (type text or image)")
+        return "".join(pieces)
+
+    def render(self, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if not self.tokenizer.has_chat_template:
+            return fallback_chat(conversation, add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as error:
+            raise UserError(f"the chat template refused the conversation: {error}") from None
+
+    def _prompt_inputs(
+        self,
+        text: str,
+        images: list[ImageInput],
+        split: bool | None,
+        n_min: int | None,
+        n_max: int | None,
+    ) -> PromptInputs:
+        pieces = text.split(self.image_token)
+        _check_marker_count(len(pieces) - 1, len(images), self.image_token)
+        loaded = [load_image(image) for image in images]
+        settings = self.config.preprocess_config.splitting
+        grid_range = splitting.split_range(settings, len(loaded), split, n_min, n_max)
+        blocks = [self._image_block(image, grid_range) for image in loaded]
+        prompt = pieces[0] + "".join(
+            b.text + piece for b, piece in zip(blocks, pieces[1:], strict=True)
+        )
+        tiles = [tile for block in blocks for tile in block.tiles]
+        return PromptInputs(
+            input_ids=self._expand_image_tokens(self.tokenize(prompt), len(tiles)),
+            tiles=np.stack(tiles) if tiles else None,
+            tile_keys=[key for block in blocks for key in block.keys],
+            image_sizes=[image.size for image in loaded],
+        )
+
+    def _image_block(self, image: Image.Image, grid_range: tuple[int, int] | None) -> _ImageBlock:
+        """The image's tiles: the whole picture, or its grid's tiles then the overview."""
+        config = self.config.preprocess_config
+        digest = _image_digest(image, config)
+        whole = _ImageBlock(
+            self.image_token, [preprocess_image(image, config)], [f"{digest}/whole"]
+        )
+        if grid_range is None:
+            return whole
+        grid = splitting.select_grid(image.size, config.image_size, *grid_range)
+        if grid == (1, 1):
+            return whole
+        canvas = place_in_canvas(image, splitting.canvas_size(grid, config.image_size), config)
+        boxes = splitting.tile_boxes(grid, config.image_size)
+        return _ImageBlock(
+            splitting.prompt_layout(grid, self.image_token),
+            [normalize(canvas.crop(box), config) for box in boxes] + whole.tiles,
+            [f"{digest}/{grid[0]}x{grid[1]}/{box[0]},{box[1]}" for box in boxes] + whole.keys,
+        )
+
+    def tokenize(self, prompt: str) -> list[int]:
+        # As mlx-lm: the tokenizer's special tokens (its BOS) unless the text (a rendered
+        # template) already starts with the BOS token, so there is never a second BOS.
+        bos = self.tokenizer.bos_token
+        add_special_tokens = bos is None or not prompt.startswith(bos)
+        return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+
+    def _expand_image_tokens(self, ids: list[int], num_tiles: int) -> list[int]:
+        """Each image_token_id (one per tile) -> num_image_tokens copies of it."""
         image_id = self.config.image_token_id
         found = ids.count(image_id)
-        if found != num_images:
+        if found != num_tiles:
             raise UserError(
-                f"the prompt has {found} {self.image_token} markers but {num_images} images"
+                f"the tokenizer made {found} image tokens (id {image_id}) of the prompt's "
+                f"{num_tiles} {self.image_token} placeholders"
             )
         expanded: list[int] = []
         for token in ids:
-            expanded.extend(
-                [token] * self.config.num_image_tokens if token == image_id else [token]
-            )
+            if token == image_id:
+                expanded.extend([image_id] * self.config.num_image_tokens)
+            else:
+                expanded.append(token)
         return expanded
-
-    def __call__(self, text: str, images: list[ImageInput] = ()) -> dict[str, mx.array | None]:
-        ids = self.expand_image_tokens(self.tokenizer.encode(text), len(images))
-        pixels = mx.array(np.stack([self.preprocess(i) for i in images])) if images else None
-        return {"input_ids": mx.array([ids]), "pixels": pixels}
