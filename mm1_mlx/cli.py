@@ -178,6 +178,55 @@ def chat(
         console.print(stats_line(last), highlight=False)
 
 
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML (see train/recipes/).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (overrides the recipe's).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT.")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe value, e.g. --set train.steps=100."),
+    ] = None,
+) -> None:
+    """Pre-train, continue pre-training or fine-tune (full, LoRA, QLoRA) from a recipe."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from mm1_mlx.train.recipe import load_recipe
+    from mm1_mlx.train.trainer import train as run
+
+    settings = load_recipe(recipe, set_ or [], out)
+    columns = [
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("train", total=settings.train.steps, status="")
+
+        def report(step: int, values: dict) -> None:
+            status = f"loss {values['loss']:.4f}  lr {values['lr']:.2e}  "
+            status += f"{values['tokens_per_s']:.0f} tok/s"
+            if "val_loss" in values:
+                status += f"  val {values['val_loss']:.4f}"
+            progress.update(task, completed=step, status=status)
+
+        result = run(settings, resume=resume, reporter=report)
+    typer.echo(f"wrote {result.out} after {result.steps} steps; {result.skipped}")
+
+
 def main() -> None:
     """Console entry point: user errors are one line on stderr and exit code 1."""
     try:
@@ -185,6 +234,6 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"{interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         sys.exit(130)

@@ -109,3 +109,40 @@ def _randomize_norms(model: torch.nn.Module) -> None:
                     if name.endswith("weight")
                     else 0.1 * torch.randn_like(param)
                 )
+
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
+
+
+def make_dataset(folder: Path, n: int = 12) -> None:
+    """Caption, interleaved, text and chat JSONL files with small coloured-square PNGs."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = {"captions": [], "interleaved": [], "text": [], "chat": []}
+    names = list(COLORS)
+    for i in range(n):
+        color = names[i % len(names)]
+        image = Image.new("RGB", (48, 48), "white")
+        ImageDraw.Draw(image).rectangle([8 + i % 5, 10, 30 + i % 5, 32], fill=COLORS[color])
+        path = f"images/{i}.png"
+        image.save(folder / path)
+        rows["captions"].append({"image": path, "text": f"a {color} square"})
+        rows["interleaved"].append(
+            {"content": [{"text": "look:"}, {"image": path}, {"text": f"it is {color}."}]}
+        )
+        rows["text"].append({"text": f"the {color} square is on the left"})
+        rows["chat"].append(
+            {
+                "images": [path],
+                "messages": [
+                    {"role": "user", "content": "<image>\nWhat color is the square?"},
+                    {"role": "assistant", "content": color},
+                ],
+            }
+        )
+    for name, records in rows.items():
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (folder / f"{name}.jsonl").write_text(lines)

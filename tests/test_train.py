@@ -1,0 +1,139 @@
+"""`mm1-mlx train` end to end on a tiny model: learning, resuming, ranks, freezing, recipes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from builders import make_dataset
+from helpers import run_cli
+
+import mm1_mlx
+from mm1_mlx.train.recipe import load_recipe
+from mm1_mlx.train.trainer import train
+
+RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model_dir):
+    """A folder as a user has it: the tiny recipes, a model folder and data beside them."""
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    for name in ("tiny-pretrain.toml", "tiny-sft.toml"):
+        shutil.copy(RECIPES / name, tmp_path / name)
+    make_dataset(tmp_path / "data")
+    return tmp_path
+
+
+def losses(out: Path) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def weights(folder: Path, prefix: str) -> dict[str, np.ndarray]:
+    loaded = mx.load(str(folder / "model.safetensors"))
+    return {k: np.array(v) for k, v in loaded.items() if k.startswith(prefix)}
+
+
+def test_loss_falls_and_frozen_vision_stays_bit_identical(workdir):
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=30", "log.every=1"])
+    result = train(recipe)
+    curve = list(losses(result.out).values())
+    assert len(curve) == 30
+    assert np.mean(curve[-5:]) < 0.7 * np.mean(curve[:3]), curve
+    before, after = weights(workdir / "model", "vision."), weights(result.out, "vision.")
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    changed = weights(workdir / "model", "decoder."), weights(result.out, "decoder.")
+    assert any(not np.array_equal(changed[0][k], changed[1][k]) for k in changed[0])
+
+
+def test_resume_reproduces_the_uninterrupted_run(workdir):
+    whole = train(load_recipe(workdir / "tiny-pretrain.toml", out=workdir / "whole"))
+
+    def interrupt_at_step_6(step, _):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", out=workdir / "resumed")
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 6"):
+        train(recipe, reporter=interrupt_at_step_6)
+    assert [p.name for p in (workdir / "resumed" / "checkpoints").iterdir()] == [
+        "step-0000004",
+        "step-0000006",
+    ]
+    resumed = train(recipe, resume=True)
+    assert losses(resumed.out) == losses(whole.out)  # step for step, exactly
+    checkpoints = sorted(p.name for p in (resumed.out / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000008", "step-0000012"]  # the last `keep` = 2
+    assert weights(resumed.out, "").keys() == weights(whole.out, "").keys()
+    for name, value in weights(whole.out, "").items():
+        assert np.array_equal(weights(resumed.out, "")[name], value), name
+
+
+def test_output_folder_is_a_model_folder(workdir):
+    result = train(load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=2"]))
+    model, processor = mm1_mlx.load(result.out)
+    code, out, err = run_cli(
+        "chat", "--model", str(result.out), "--image", str(workdir / "data/images/0.png"),
+        "--max-tokens", "3", "What color is the square?",
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def test_sft_with_lora_and_validation(workdir):
+    result = train(load_recipe(workdir / "tiny-sft.toml"))
+    entries = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "val_loss" in e] == [3, 6]
+    model, _ = mm1_mlx.load(result.out)  # LoRA fused: a plain model folder
+    assert "lora" not in json.dumps(list(weights(result.out, "").keys()))
+    before, after = weights(workdir / "model", "vision."), weights(result.out, "vision.")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_cli_train_runs_and_refuses_to_overwrite_a_run(workdir):
+    recipe = str(workdir / "tiny-pretrain.toml")
+    code, out, err = run_cli("train", recipe, "--set", "train.steps=2", "--out", str(workdir / "r"))
+    assert code == 0, err
+    assert "wrote" in out and "skipped" in out
+    code, _, err = run_cli("train", recipe, "--set", "train.steps=2", "--out", str(workdir / "r"))
+    assert code == 1 and "--resume" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown key 'stepz'"),
+        ("optimizer.lr='fast'", "optimizer.lr"),
+        ("data.sources=[]", "no data sources"),
+    ],
+)
+def test_bad_recipes_are_one_line_errors(workdir, override, message):
+    args = ["train", str(workdir / "tiny-pretrain.toml"), "--set", override]
+    code, _, err = run_cli(*args)
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_missing_recipe(tmp_path):
+    code, _, err = run_cli("train", str(tmp_path / "none.toml"))
+    assert code == 1 and "no such recipe" in err
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(workdir):
+    recipe = workdir / "tiny-pretrain.toml"
+    single = train(load_recipe(recipe, ["train.steps=4"], out=workdir / "one"))
+    launch = "from mlx._distributed_utils.launch import main; main()"  # = mlx.launch
+    command = [sys.executable, "-c", launch, "--backend", "ring", "-n", "2", sys.executable]
+    command += ["-m", "mm1_mlx", "train", str(recipe), "--set", "train.steps=4"]
+    command += ["--out", str(workdir / "two")]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    one, two = losses(single.out), losses(workdir / "two")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
