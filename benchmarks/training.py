@@ -1,0 +1,214 @@
+"""Training throughput: mm1-mlx vs PyTorch (transformers) on the same small decoder, CPU fp32,
+and the whole MM1 model's step time split into vision, connector and decoder.
+
+    python benchmarks/training.py [--quick] [--json PATH]
+
+Each framework runs in its own process (so each peak RSS is its own), alternating rounds,
+and the medians are compared. Both train the same Llama configuration with AdamW on random
+tokens; mm1-mlx runs its own training step (mm1_mlx.train.trainer.make_train_step).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+DECODER = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=8192,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+QUICK = dict(DECODER, hidden_size=256, intermediate_size=704, num_hidden_layers=4)
+
+
+def measure_torch(config: dict, batch: int, seq_len: int, steps: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    ids = torch.randint(0, config["vocab_size"], (batch, seq_len + 1))
+
+    def step():
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return time_steps(step, steps, batch * seq_len)
+
+
+def measure_mlx(config: dict, batch: int, seq_len: int, steps: int) -> dict:
+    import mm1_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+
+    # isort: split
+    import mlx.core as mx
+    import numpy as np
+
+    from mm1_mlx.train.data import Batch
+    from mm1_mlx.train.optim import make_optimizer, make_schedule
+    from mm1_mlx.train.trainer import make_train_step
+
+    model = tiny_mm1(dict(config, model_type="llama"))
+    mx.eval(model.parameters())
+    recipe = benchmark_recipe()
+    optimizer = make_optimizer(model, "adamw", make_schedule(1e-4, 1000), betas=(0.9, 0.95))
+    step_fn = make_train_step(model, optimizer, recipe, mx.distributed.init())
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config["vocab_size"], (batch, seq_len + 1)).astype(np.int32)
+    data = Batch(ids[:, :-1], ids[:, 1:], np.ones((batch, seq_len), np.float32), None)
+    result = time_steps(lambda: step_fn([data]), steps, batch * seq_len)
+    result["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    return result
+
+
+def benchmark_recipe():
+    from mm1_mlx.train.recipe import Recipe
+
+    return Recipe(model="", out="")
+
+
+def tiny_mm1(text_config: dict, vision: dict | None = None, connector: dict | None = None):
+    from mm1_mlx.config import ConnectorConfig, MM1Config, VisionConfig
+    from mm1_mlx.model import MM1Model
+
+    vision_config = VisionConfig(**(vision or dict(width=64, layers=1, heads=2, mlp_dim=128)))
+    connector_config = ConnectorConfig(
+        input_dim=vision_config.width,
+        output_dim=text_config["hidden_size"],
+        num_input_tokens=vision_config.num_patches,
+        **(connector or dict(hidden_dim=64, depth=1, num_tokens=144)),
+    )
+    config = MM1Config(
+        vision_config=vision_config,
+        connector_config=connector_config,
+        text_config=text_config,
+        image_token_id=text_config["vocab_size"] - 1,
+        num_image_tokens=connector_config.num_tokens,
+    )
+    return MM1Model(config)
+
+
+def time_steps(step, steps: int, tokens_per_step: int) -> dict:
+    import resource
+
+    step()  # warm-up (allocations, kernels)
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - began) / steps
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "step_s": seconds,
+        "tokens_per_s": tokens_per_step / seconds,
+        "peak_rss_gb": peak_rss / 1e9,
+    }
+
+
+def split_mm1_step(quick: bool) -> dict:
+    """Forward + backward time of each part of an MM1 model on one batch with images."""
+    import mm1_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+
+    # isort: split
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    text = dict(QUICK if quick else DECODER, model_type="llama")
+    width, layers = (384, 4) if quick else (768, 12)
+    vision = dict(image_size=224, patch_size=14, width=width, layers=layers, heads=width // 64)
+    vision["mlp_dim"] = 4 * width
+    model = tiny_mm1(text, vision, dict(hidden_dim=256 if quick else 1024, depth=3, num_tokens=64))
+    mx.eval(model.parameters())
+    images, seq_len = 4, 512
+    pixels = mx.random.normal((images, 224, 224, 3))
+    features = model.vision(pixels)
+    embeddings = mx.random.normal((1, seq_len, text["hidden_size"]))
+    ids = mx.random.randint(0, text["vocab_size"] - 1, (1, seq_len))
+
+    def part_loss(module, fn, x):
+        return nn.value_and_grad(module, lambda m, x: fn(m, x).astype(mx.float32).mean())(module, x)
+
+    parts = {
+        "vision": lambda: part_loss(model.vision, lambda m, x: m(x), pixels),
+        "connector": lambda: part_loss(
+            model.connector, lambda m, x: m(x), mx.stop_gradient(features)
+        ),
+        "decoder": lambda: part_loss(
+            model.decoder, lambda m, x: m(ids, input_embeddings=x), embeddings
+        ),
+    }
+    times = {}
+    for name, run in parts.items():
+        mx.eval(run())
+        began = time.perf_counter()
+        for _ in range(3):
+            mx.eval(run())
+        times[name] = (time.perf_counter() - began) / 3
+    total = sum(times.values())
+    shape = f"{images} images of 224px ({vision['layers']}-layer ViT width {vision['width']}), "
+    shape += f"C-Abstractor 64 tokens each, {seq_len}-token sequence"
+    return {"shape": shape, **{k: {"s": v, "share": v / total} for k, v in times.items()}}
+
+
+def run_child(framework: str, quick: bool) -> dict:
+    command = [sys.executable, __file__, "--child", framework] + (["--quick"] if quick else [])
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller decoder")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    config = QUICK if args.quick else DECODER
+    batch, seq_len, steps = 4, 256, 3
+    if args.child:
+        measure = measure_mlx if args.child == "mlx" else measure_torch
+        print(json.dumps(measure(config, batch, seq_len, steps)))
+        return
+
+    rounds = {"mlx": [], "torch": []}
+    for _ in range(args.rounds):
+        for framework in rounds:
+            rounds[framework].append(run_child(framework, args.quick))
+    summary = {
+        name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for name, results in rounds.items()
+    }
+    split = split_mm1_step(args.quick)
+    ratio = summary["mlx"]["tokens_per_s"] / summary["torch"]["tokens_per_s"]
+    size = f"Llama {config['num_hidden_layers']} layers x {config['hidden_size']}, vocab "
+    size += f"{config['vocab_size']}; batch {batch} x {seq_len} tokens; AdamW; fp32 CPU"
+    print(f"Training step, {size}")
+    print("| | mm1-mlx | PyTorch (transformers) | ratio |")
+    print("|---|---|---|---|")
+    mlx_, torch_ = summary["mlx"], summary["torch"]
+    print(
+        f"| tokens/s | {mlx_['tokens_per_s']:.0f} | {torch_['tokens_per_s']:.0f} | {ratio:.2f}x |"
+    )
+    print(f"| step time | {mlx_['step_s']:.2f} s | {torch_['step_s']:.2f} s | |")
+    print(f"| peak RSS | {mlx_['peak_rss_gb']:.2f} GB | {torch_['peak_rss_gb']:.2f} GB | |")
+    print(f"\nMM1 step split ({split['shape']}):")
+    for part in ("vision", "connector", "decoder"):
+        print(f"  {part:9s} {split[part]['s']:.3f} s ({split[part]['share']:.0%})")
+    print(f"\ncommand: python benchmarks/training.py{' --quick' if args.quick else ''}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"decoder": summary, "ratio": ratio, "mm1_split": split}, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
