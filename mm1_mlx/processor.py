@@ -31,6 +31,8 @@ MAX_ASPECT_RATIO = 100
 WHITE = (255, 255, 255, 255)
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+EXIF_ORIENTATION = 0x0112
+WHOLE_IMAGE = (1, 1)  # the grid of an image that is not split: one tile, the whole picture
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -43,6 +45,24 @@ def load_image(image: ImageInput) -> Image.Image:
         return _decode_image(image, name)
     with _open_image_file(image, name) as opened:
         return _decode_image(opened, name)
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """The (width, height) `load_image(path)` gives, read from the file's header without decoding
+    the pixels. Raises load_image's UserErrors for missing, empty, unknown and oversized files;
+    a file corrupt past its header fails only in load_image."""
+    name = _describe(path)
+    with _open_image_file(path, name) as image:
+        _check_size(image.size, name)
+        width, height = image.size
+        return (height, width) if _turned_sideways(image) else (width, height)
+
+
+def _turned_sideways(image: Image.Image) -> bool:
+    """Whether the EXIF orientation (as ImageOps.exif_transpose applies it) swaps the sides."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return False  # PNG's getexif decodes the pixels to look for EXIF after them (rare)
+    return image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
 
 
 def _describe(image: Any) -> str:
@@ -197,13 +217,9 @@ class PromptInputs:
         return {"input_ids": mx.array([self.input_ids]), "pixels": pixels}
 
 
-@dataclass
-class _ImageBlock:
-    """One image's part of a prompt: the text its marker becomes, its tiles and their keys."""
-
-    text: str
-    tiles: list[np.ndarray]
-    keys: list[str]
+def num_tiles(grid: splitting.Grid) -> int:
+    """Tiles of an image split into `grid`: the grid's and the overview, or just the whole."""
+    return 1 if grid == WHOLE_IMAGE else grid[0] * grid[1] + 1
 
 
 _NEXT_IMAGE = object()  # a marker whose image is the next of the `images` argument
@@ -272,7 +288,7 @@ class Processor:
         Content is a string (with `<image>` markers) or a list of parts: {"type": "text",
         "text": ...}, {"type": "image"} (the next of `images`) or {"type": "image", "image":
         ImageInput}. Parts are joined as they are, an image part becoming `<image>`."""
-        conversation, ordered_images = self._flatten_messages(messages, images)
+        conversation, ordered_images = self.flatten_messages(messages, images)
         text = self.render(conversation, add_generation_prompt)
         return self._prompt_inputs(text, ordered_images, split, n_min, n_max)
 
@@ -282,7 +298,7 @@ class Processor:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def _flatten_messages(
+    def flatten_messages(
         self, messages: list[dict[str, Any]], images: Sequence[ImageInput]
     ) -> tuple[list[dict[str, Any]], list[ImageInput]]:
         """Messages with string content (text-only templates expect strings) and the prompt's
@@ -290,10 +306,10 @@ class Processor:
         slots: list[Any] = []  # per marker, in order: its image, or _NEXT_IMAGE
         conversation = []
         for message in messages:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise UserError(f"a chat message needs a role and a content, not {message!r:.80}")
             conversation.append(
-                {**message, "content": self._content_text(message["content"], slots)}
+                {**message, "content": self._content_text(message.get("content"), slots)}
             )
         wanted = sum(slot is _NEXT_IMAGE for slot in slots)
         _check_marker_count(wanted, len(images), self.image_token)
@@ -306,6 +322,8 @@ class Processor:
         if isinstance(content, str):
             slots.extend([_NEXT_IMAGE] * content.count(self.image_token))
             return content
+        if not isinstance(content, list):  # data files and web requests hold anything
+            raise UserError(f"a chat message's content is a string or a list, not {content!r:.80}")
         pieces = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
@@ -336,41 +354,71 @@ class Processor:
         n_min: int | None,
         n_max: int | None,
     ) -> PromptInputs:
-        pieces = text.split(self.image_token)
-        _check_marker_count(len(pieces) - 1, len(images), self.image_token)
+        _check_marker_count(text.count(self.image_token), len(images), self.image_token)
         loaded = [load_image(image) for image in images]
-        settings = self.config.preprocess_config.splitting
-        grid_range = splitting.split_range(settings, len(loaded), split, n_min, n_max)
-        blocks = [self._image_block(image, grid_range) for image in loaded]
-        prompt = pieces[0] + "".join(
-            b.text + piece for b, piece in zip(blocks, pieces[1:], strict=True)
-        )
-        tiles = [tile for block in blocks for tile in block.tiles]
+        grids = self.image_grids([image.size for image in loaded], split, n_min, n_max)
+        tiles, keys = [], []
+        for image, grid in zip(loaded, grids, strict=True):
+            image_tiles, image_keys = self.image_tiles(image, grid)
+            tiles += image_tiles
+            keys += image_keys
         return PromptInputs(
-            input_ids=self._expand_image_tokens(self.tokenize(prompt), len(tiles)),
+            input_ids=self.layout_ids(text, grids),
             tiles=np.stack(tiles) if tiles else None,
-            tile_keys=[key for block in blocks for key in block.keys],
+            tile_keys=keys,
             image_sizes=[image.size for image in loaded],
         )
 
-    def _image_block(self, image: Image.Image, grid_range: tuple[int, int] | None) -> _ImageBlock:
-        """The image's tiles: the whole picture, or its grid's tiles then the overview."""
+    # The layout (grids, token ids) needs only the images' sizes, the tiles need their pixels:
+    # training lays out whole batches from image headers and decodes only its own rows.
+
+    def image_grids(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        split: bool | None = None,
+        n_min: int | None = None,
+        n_max: int | None = None,
+    ) -> list[splitting.Grid]:
+        """The grid each image of a prompt is split into, from the (width, height) of all the
+        prompt's images; WHOLE_IMAGE where it is not split."""
+        settings = self.config.preprocess_config.splitting
+        grid_range = splitting.split_range(settings, len(sizes), split, n_min, n_max)
+        if grid_range is None:
+            return [WHOLE_IMAGE] * len(sizes)
+        tile = self.config.preprocess_config.image_size
+        return [splitting.select_grid(size, tile, *grid_range) for size in sizes]
+
+    def layout_ids(self, text: str, grids: Sequence[splitting.Grid]) -> list[int]:
+        """The token ids of `text` whose `<image>` markers are images with these grids: each
+        marker becomes its tiles' markers and image tokens, as `encode` lays them out."""
+        pieces = text.split(self.image_token)
+        _check_marker_count(len(pieces) - 1, len(grids), self.image_token)
+        prompt = pieces[0] + "".join(
+            self._image_text(grid) + piece for grid, piece in zip(grids, pieces[1:], strict=True)
+        )
+        tiles = sum(num_tiles(grid) for grid in grids)
+        return self._expand_image_tokens(self.tokenize(prompt), tiles)
+
+    def _image_text(self, grid: splitting.Grid) -> str:
+        if grid == WHOLE_IMAGE:
+            return self.image_token
+        return splitting.prompt_layout(grid, self.image_token)
+
+    def image_tiles(
+        self, image: Image.Image, grid: splitting.Grid
+    ) -> tuple[list[np.ndarray], list[str]]:
+        """The image's tiles and their keys: the whole picture, or the grid's tiles then the
+        overview."""
         config = self.config.preprocess_config
         digest = _image_digest(image, config)
-        whole = _ImageBlock(
-            self.image_token, [preprocess_image(image, config)], [f"{digest}/whole"]
-        )
-        if grid_range is None:
-            return whole
-        grid = splitting.select_grid(image.size, config.image_size, *grid_range)
-        if grid == (1, 1):
-            return whole
+        whole, whole_key = preprocess_image(image, config), f"{digest}/whole"
+        if grid == WHOLE_IMAGE:
+            return [whole], [whole_key]
         canvas = place_in_canvas(image, splitting.canvas_size(grid, config.image_size), config)
         boxes = splitting.tile_boxes(grid, config.image_size)
-        return _ImageBlock(
-            splitting.prompt_layout(grid, self.image_token),
-            [normalize(canvas.crop(box), config) for box in boxes] + whole.tiles,
-            [f"{digest}/{grid[0]}x{grid[1]}/{box[0]},{box[1]}" for box in boxes] + whole.keys,
+        return (
+            [normalize(canvas.crop(box), config) for box in boxes] + [whole],
+            [f"{digest}/{grid[0]}x{grid[1]}/{box[0]},{box[1]}" for box in boxes] + [whole_key],
         )
 
     def tokenize(self, prompt: str) -> list[int]:

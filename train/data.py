@@ -1,0 +1,530 @@
+"""Training data: JSONL sources -> packed, loss-weighted batches (DESIGN.md, "Data formats").
+
+Top to bottom, what `DataLoader.next_batch` does:
+1. Mixture: each draw picks a source with probability weight / sum(weights) (a seeded numpy
+   Generator) and reads that source's next line. Files are streamed: each source keeps the byte
+   offset of its next line; at the end of a file it starts again (its next epoch).
+2. Layout: the line -> an Example: the token ids the processor makes for inference and which
+   tokens carry loss. Images are read only as far as their headers (their sizes choose MM1.5
+   split grids); nothing is decoded yet. Bad examples are counted in `skipped` and passed over
+   (or raise a UserError naming file:line with strict=True).
+3. Packing: examples fill rows of seq_len + 1 tokens in draw order (inputs = row[:-1],
+   targets = row[1:]); one that does not fit starts the next row; the tail is padding.
+4. Pixels: every rank lays out the whole global batch (cheap) so all ranks agree on it, but
+   decodes only the images of its own rows (the expensive part).
+
+Loss rules: an example's tokens carry loss where its format says (caption: the caption; text and
+interleaved: all text; chat: the assistant turns, end-of-turn tokens included), then its EOS
+when the token before it does. Never on image tokens, tile markers or padding, nor on an
+example's first token (it would be predicted from an unrelated example's end).
+"""
+
+import collections
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from mm1_mlx.errors import UserError
+from mm1_mlx.processor import Processor, load_image, num_tiles, read_image_size
+from mm1_mlx.splitting import Grid
+
+LOSS_WEIGHTINGS = ("token", "example")
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+@dataclass
+class SourceConfig:
+    path: str  # a .jsonl file; its image paths are relative to its folder
+    format: str  # "caption" | "interleaved" | "text" | "chat"
+    weight: float = 1.0
+
+
+@dataclass
+class Batch:
+    """This rank's rows of a global batch. Position i of a row predicts targets[i]."""
+
+    input_ids: np.ndarray  # int32 [rows, seq_len]
+    targets: np.ndarray  # int32 [rows, seq_len]: the next token of each position
+    weights: np.ndarray  # float32 [rows, seq_len]: loss weight of each target, 0 for none
+    pixels: np.ndarray | None  # float32 [tiles, S, S, 3], in the order of the image tokens
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.weights > 0).sum())
+
+
+# -- examples -------------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """An example that cannot be used; `reason` is its key in DataLoader.skipped."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LinePosition:
+    """Where a JSONL line starts: enough to read it again."""
+
+    source: int  # index into DataLoader.sources
+    offset: int  # byte offset in the file
+    number: int  # 1-based line number, for messages
+
+
+@dataclass
+class Example:
+    """One JSONL line as the model sees it."""
+
+    tokens: list[int]  # ends with EOS
+    trained: list[bool]  # per token: whether predicting it carries loss
+    images: list[Path]  # in the order of their image tokens
+    grids: list[Grid]  # each image's tile grid (processor.WHOLE_IMAGE: not split)
+    position: LinePosition
+    origin: str  # "file:line"
+
+
+@dataclass
+class Rendered:
+    """An example as text: growing prefixes, the last one the whole text. The tokens a prefix
+    adds to the previous one carry loss when its flag is set. Prefixes rather than pieces,
+    because a chat template renders a conversation as a whole."""
+
+    prefixes: list[tuple[str, bool]]
+    images: list[str]  # the files of its `<image>` markers, in order
+
+
+def field_of(record: dict[str, Any], name: str, kind: type) -> Any:
+    value = record.get(name)
+    if not isinstance(value, kind) or not value:
+        raise Skip("invalid record", f"needs a non-empty {kind.__name__} {name!r}")
+    return value
+
+
+def render_caption(record: dict[str, Any], processor: Processor) -> Rendered:
+    image, caption = field_of(record, "image", str), field_of(record, "text", str)
+    marker = processor.image_token
+    return Rendered([(marker, False), (marker + caption, True)], [image])
+
+
+def render_text(record: dict[str, Any], processor: Processor) -> Rendered:
+    return Rendered([(field_of(record, "text", str), True)], [])
+
+
+def render_interleaved(record: dict[str, Any], processor: Processor) -> Rendered:
+    """Text and image parts joined as they are (the data carries its own spaces)."""
+    text, prefixes, images = "", [], []
+    for part in field_of(record, "content", list):
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            text += part["text"]
+            prefixes.append((text, True))
+        elif isinstance(part, dict) and isinstance(part.get("image"), str):
+            text += processor.image_token
+            prefixes.append((text, False))
+            images.append(part["image"])
+        else:
+            raise Skip(
+                "invalid record", f"a content part is {{text}} or {{image}}, not {part!r:.60}"
+            )
+    return Rendered(prefixes, images)
+
+
+def render_chat(record: dict[str, Any], processor: Processor) -> Rendered:
+    """The conversation through the chat template. An assistant turn is what rendering the
+    conversation up to it adds to rendering the turns before it with the generation prompt."""
+    messages, images = chat_messages(record)
+    conversation, ordered_images = processor.flatten_messages(messages, images)
+    if not all(isinstance(image, str) for image in ordered_images):
+        raise Skip("invalid record", "images are file names")
+    prefixes = []
+    for k, message in enumerate(conversation):
+        if message["role"] == "assistant":
+            prefixes.append((processor.render(conversation[:k], True), False))
+            prefixes.append((processor.render(conversation[: k + 1], False), True))
+    prefixes.append((processor.render(conversation, False), False))
+    return Rendered(prefixes, ordered_images)
+
+
+def chat_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """`messages` with `images`, or LLaVA's `conversations` with `image`."""
+    images = record.get("images", record.get("image", []))
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list):
+        raise Skip("invalid record", "'images' is a list of file names")
+    if "messages" in record:
+        return field_of(record, "messages", list), images
+    turns = field_of(record, "conversations", list)
+    if not all(isinstance(t, dict) and t.get("from") in LLAVA_ROLES for t in turns):
+        raise Skip("invalid record", f"conversation turns need 'from' in {list(LLAVA_ROLES)}")
+    return [{"role": LLAVA_ROLES[t["from"]], "content": t.get("value")} for t in turns], images
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any], Processor], Rendered]] = {
+    "caption": render_caption,
+    "interleaved": render_interleaved,
+    "text": render_text,
+    "chat": render_chat,
+}
+
+
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def tokens_and_loss(
+    processor: Processor, rendered: Rendered, grids: list[Grid]
+) -> tuple[list[int], list[bool]]:
+    """The whole text's tokens, and which carry loss: a prefix's new tokens are those past
+    where its own tokens stop agreeing with the whole's (a BPE merge across the boundary
+    moves the boundary, it cannot misplace it)."""
+    marker = processor.image_token
+
+    @cache
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(processor.layout_ids(text, grids[: text.count(marker)]))
+
+    tokens = list(ids(rendered.prefixes[-1][0]))
+    trained = [False] * len(tokens)
+    start = common_length(ids(""), tokens)  # past a BOS the tokenizer adds
+    for text, loss in rendered.prefixes:
+        end = common_length(ids(text), tokens)
+        for i in range(start, end):
+            trained[i] = loss
+        start = end
+    return tokens, trained
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    if not path.is_file():
+        raise Skip("missing image", f"{path}: no such image file")
+    try:
+        return read_image_size(path)
+    except UserError as error:
+        raise Skip("corrupt image", str(error)) from None
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceReader:
+    """A JSONL file read a line at a time from a byte offset, never whole; at its end it starts
+    over. `used_in_epoch` (examples taken this epoch) stops a file of only bad lines from
+    looping forever."""
+
+    path: Path
+    offset: int = 0  # of the next line
+    line_number: int = 0  # of the last line read
+    epoch: int = 0
+    used_in_epoch: int = 0
+    file: BinaryIO | None = field(default=None, repr=False)
+
+    def next_line(self, describe_skips: Callable[[], str]) -> tuple[int, int, bytes]:
+        """(offset, line number, bytes) of the next non-blank line."""
+        while True:
+            offset, raw = self.offset, self.read_at(self.offset)
+            if not raw:
+                self.start_next_epoch(describe_skips)
+                continue
+            self.offset += len(raw)
+            self.line_number += 1
+            if raw.strip():
+                return offset, self.line_number, raw
+
+    def read_at(self, offset: int) -> bytes:
+        if self.file is None:
+            self.file = self.path.open("rb")
+        self.file.seek(offset)  # within the read buffer this is free
+        return self.file.readline()
+
+    def start_next_epoch(self, describe_skips: Callable[[], str]) -> None:
+        if self.used_in_epoch == 0:
+            raise UserError(f"{self.path}: not one usable example in the file ({describe_skips()})")
+        self.offset, self.line_number, self.used_in_epoch = 0, 0, 0
+        self.epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("offset", "line_number", "epoch", "used_in_epoch")
+        return {"path": str(self.path), **{key: getattr(self, key) for key in keys}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["path"] != str(self.path):
+            raise UserError(f"the data state is for {state['path']}, not {self.path}")
+        self.offset, self.line_number = state["offset"], state["line_number"]
+        self.epoch, self.used_in_epoch = state["epoch"], state["used_in_epoch"]
+
+
+# -- packing --------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """A packed sequence of seq_len + 1 tokens (once padded) and where its examples lie."""
+
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # per token: loss weight of predicting it
+    examples: list[tuple[int, Example]] = field(default_factory=list)  # (start, example)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(example.images) for _, example in self.examples)
+
+    def add(self, example: Example, weights: list[float]) -> None:
+        self.examples.append((len(self.tokens), example))
+        self.tokens += example.tokens
+        self.weights += weights
+
+
+class DataLoader:
+    """Batches of packed sequences from a weighted mixture of JSONL sources (module docstring).
+
+    Every rank builds the same global batch of `batch_size` rows and returns its slice
+    [rank * B / W, (rank + 1) * B / W), so the data does not depend on `world_size`.
+    """
+
+    def __init__(
+        self,
+        sources: list[SourceConfig],
+        processor: Processor,
+        seq_len: int,
+        batch_size: int,
+        max_images_per_sequence: int = 16,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        strict: bool = False,
+        loss_weighting: str = "token",
+        split_images: bool | None = None,
+    ):
+        check_settings(sources, seq_len, batch_size, rank, world_size, loss_weighting)
+        self.sources = sources
+        self.processor = processor
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.max_images = max_images_per_sequence
+        self.rank, self.world_size = rank, world_size
+        self.strict = strict
+        self.loss_weighting = loss_weighting
+        self.split_images = split_images
+        weights = np.array([source.weight for source in sources], np.float64)
+        self.probabilities = weights / weights.sum()
+        self.rng = np.random.default_rng(seed)
+        self.readers = [SourceReader(Path(source.path)) for source in sources]
+        self.pending: Example | None = None  # drawn but did not fit the last row: starts the next
+        self.skipped: collections.Counter = collections.Counter()
+        self.first_skips: dict[str, str] = {}  # reason -> "file:line: detail" of its first case
+        tokenizer = processor.tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = self.eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+    # -- batches --
+
+    def next_batch(self) -> Batch:
+        rows = [self.pack_row() for _ in range(self.batch_size)]
+        per_rank = self.batch_size // self.world_size
+        mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
+        tiles = [tile for row in mine for tile in self.row_tiles(row)]  # zeroes corrupt examples
+        for row in mine:  # pad to seq_len + 1
+            padding = self.seq_len + 1 - len(row.tokens)
+            row.tokens += [self.pad_id] * padding
+            row.weights += [0.0] * padding
+        tokens = np.array([row.tokens for row in mine], np.int32)
+        return Batch(
+            input_ids=tokens[:, :-1],
+            targets=tokens[:, 1:],
+            weights=np.array([row.weights[1:] for row in mine], np.float32),
+            pixels=np.stack(tiles) if tiles else None,
+        )
+
+    def pack_row(self) -> Row:
+        """Examples in draw order until the next one does not fit (it starts the next row)."""
+        row = Row()
+        while True:
+            example = self.pending or self.draw_example()
+            self.pending = None
+            if row.examples and not self.fits(row, example):
+                self.pending = example
+                return row
+            row.add(example, self.loss_weights(example))
+
+    def fits(self, row: Row, example: Example) -> bool:
+        tokens = len(row.tokens) + len(example.tokens)
+        images = row.num_images + len(example.images)
+        return tokens <= self.seq_len + 1 and images <= self.max_images
+
+    def loss_weights(self, example: Example) -> list[float]:
+        """Per token: with "token" weighting 1 where trained; with "example" the example's
+        trained tokens share 1, so a short answer counts as much as a long one (all the turns
+        of a chat share it: a conversation is one example)."""
+        weight = 1.0 if self.loss_weighting == "token" else 1.0 / sum(example.trained)
+        return [weight if trained else 0.0 for trained in example.trained]
+
+    def row_tiles(self, row: Row) -> list[np.ndarray]:
+        """Decode the row's images. An image that turns out corrupt only now gets zero tiles and
+        its example zero loss, decided here alone, so other ranks need not know."""
+        tiles = []
+        for start, example in row.examples:
+            try:
+                tiles += self.example_tiles(example)
+            except UserError as error:
+                self.skip(example.origin, Skip("corrupt image", str(error)))
+                row.weights[start : start + len(example.tokens)] = [0.0] * len(example.tokens)
+                size = self.processor.config.preprocess_config.image_size
+                count = sum(num_tiles(grid) for grid in example.grids)
+                tiles += [np.zeros((size, size, 3), np.float32)] * count
+        return tiles
+
+    def example_tiles(self, example: Example) -> list[np.ndarray]:
+        """Tiles for the grids chosen at layout time, so they always match the tokens."""
+        tiles = []
+        for path, grid in zip(example.images, example.grids, strict=True):
+            tiles += self.processor.image_tiles(load_image(path), grid)[0]
+        return tiles
+
+    # -- examples --
+
+    def draw_example(self) -> Example:
+        """The next usable example of the mixture; bad ones are counted and passed over."""
+        while True:
+            index = int(self.rng.choice(len(self.readers), p=self.probabilities))
+            reader = self.readers[index]
+            offset, number, raw = reader.next_line(self.skipped_summary)
+            position = LinePosition(index, offset, number)
+            try:
+                example = self.lay_out(position, raw)
+            except Skip as skip:
+                self.skip(self.origin(position), skip)
+                continue
+            reader.used_in_epoch += 1
+            return example
+
+    def origin(self, position: LinePosition) -> str:
+        return f"{self.sources[position.source].path}:{position.number}"
+
+    def lay_out(self, position: LinePosition, raw: bytes) -> Example:
+        """A JSONL line -> an Example, or Skip."""
+        try:
+            record = json.loads(raw)
+        except ValueError as error:
+            raise Skip("unparsable line", f"not JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise Skip("unparsable line", "not a JSON object")
+        source = self.sources[position.source]
+        try:
+            rendered = RENDERERS[source.format](record, self.processor)
+            folder = Path(source.path).parent
+            images = [folder / name for name in rendered.images]
+            if len(images) > self.max_images:
+                raise Skip("too many images", f"{len(images)} images, over {self.max_images}")
+            sizes = [image_size(path) for path in images]
+            grids = self.processor.image_grids(sizes, split=self.split_images)
+            tokens, trained = tokens_and_loss(self.processor, rendered, grids)
+        except UserError as error:  # from the processor: markers, messages, chat template
+            raise Skip("invalid record", str(error)) from None
+        if tokens[-1:] != [self.eos_id]:
+            tokens.append(self.eos_id)
+            trained.append(bool(trained) and trained[-1])
+        trained[0] = False
+        if len(tokens) > self.seq_len + 1:
+            raise Skip("too long", f"{len(tokens)} tokens, over seq_len + 1 = {self.seq_len + 1}")
+        if not any(trained):
+            raise Skip("nothing to train on", "no tokens carry loss")
+        return Example(tokens, trained, images, grids, position, self.origin(position))
+
+    def skip(self, origin: str, skip: Skip) -> None:
+        if self.strict:
+            raise UserError(f"{origin}: {skip}")
+        self.skipped[skip.reason] += 1
+        self.first_skips.setdefault(skip.reason, f"{origin}: {skip}")
+
+    def skipped_summary(self) -> str:
+        """E.g. "skipped 3 examples: 2 missing image (first: a.jsonl:4: ...), 1 too long (...)"."""
+        total = sum(self.skipped.values())
+        if not total:
+            return "skipped no examples"
+        reasons = ", ".join(
+            f"{count} {reason} (first: {self.first_skips[reason]})"
+            for reason, count in self.skipped.most_common()
+        )
+        return f"skipped {total} example{'s' * (total != 1)}: {reasons}"
+
+    # -- resuming --
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume exactly: the mixture's RNG, each file's position, the example
+        carried into the next row (as its line's position: it is laid out again) and the
+        skip counts. JSON-serialisable."""
+        pending = None
+        if self.pending is not None:
+            position = self.pending.position
+            pending = [position.source, position.offset, position.number]
+        return {
+            "rng": self.rng.bit_generator.state,
+            "sources": [reader.state_dict() for reader in self.readers],
+            "pending": pending,
+            "skipped": dict(self.skipped),
+            "first_skips": dict(self.first_skips),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["sources"]) != len(self.readers):
+            raise UserError(
+                f"the data state has {len(state['sources'])} sources, the loader "
+                f"{len(self.readers)}"
+            )
+        for reader, reader_state in zip(self.readers, state["sources"], strict=True):
+            reader.load_state_dict(reader_state)
+        self.rng.bit_generator.state = state["rng"]
+        self.skipped = collections.Counter(state["skipped"])
+        self.first_skips = dict(state["first_skips"])
+        self.pending = None
+        if state["pending"] is not None:
+            self.pending = self.reread(LinePosition(*state["pending"]))
+
+    def reread(self, position: LinePosition) -> Example:
+        raw = self.readers[position.source].read_at(position.offset)
+        try:
+            return self.lay_out(position, raw)
+        except Skip as skip:
+            raise UserError(
+                f"{self.origin(position)} changed since the checkpoint: {skip}"
+            ) from None
+
+
+def check_settings(
+    sources: list[SourceConfig],
+    seq_len: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    loss_weighting: str,
+) -> None:
+    if not sources:
+        raise UserError("no data sources")
+    for source in sources:
+        if source.format not in RENDERERS:
+            raise UserError(
+                f"{source.path}: unknown format {source.format!r} ({', '.join(RENDERERS)})"
+            )
+        if not Path(source.path).is_file():
+            raise UserError(f"{source.path}: no such data file")
+        if not source.weight >= 0:
+            raise UserError(f"{source.path}: weight must be >= 0, not {source.weight}")
+    if sum(source.weight for source in sources) <= 0:
+        raise UserError("the data sources' weights add up to 0")
+    if seq_len < 1 or batch_size < 1:
+        raise UserError(f"seq_len and batch_size must be positive, not {seq_len} and {batch_size}")
+    if not 0 <= rank < world_size or batch_size % world_size:
+        raise UserError(
+            f"batch size {batch_size} must split evenly over {world_size} ranks (rank {rank})"
+        )
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise UserError(f"loss_weighting is {' or '.join(LOSS_WEIGHTINGS)}, not {loss_weighting!r}")
