@@ -65,13 +65,17 @@ def check_settings(bits: int, group_size: int) -> None:
 
 
 def quantize_model(
-    model: MM1Model, bits: int, group_size: int, vision: bool = False
+    model: MM1Model, bits: int, group_size: int, vision: bool = False, connector: bool = True
 ) -> dict[str, Any]:
-    """Quantize `model` in place; returns what config.json's `quantization` must hold."""
+    """Quantize `model` in place; returns what config.json's `quantization` must hold.
+
+    The decoder always; the connector's Linear layers unless `connector=False` (QLoRA keeps a
+    trainable connector in full precision); the vision encoder's only with `vision=True`.
+    """
     check_settings(bits, group_size)
     quantization: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
     decoder_rule = getattr(model.decoder, "quant_predicate", None)
-    linear_parts = ("connector", "vision") if vision else ("connector",)
+    linear_parts = [part for part, on in (("connector", connector), ("vision", vision)) if on]
 
     def fits(module: nn.Module) -> bool:
         return module.weight.shape[-1] % group_size == 0

@@ -27,6 +27,7 @@ from mm1_mlx.train.data import Batch, DataLoader
 from mm1_mlx.train.lora import apply_lora, fuse_lora
 from mm1_mlx.train.moe import RouterLosses
 from mm1_mlx.train.optim import (
+    clip_grad_norm,
     count_parameters,
     freeze_modules,
     make_optimizer,
@@ -48,7 +49,7 @@ def prepare_model(recipe: Recipe) -> tuple[MM1Model, Any]:
     if recipe.lora is not None:
         if recipe.lora.quantize_bits:
             model.config.quantization = quantize_model(
-                model, recipe.lora.quantize_bits, recipe.lora.group_size
+                model, recipe.lora.quantize_bits, recipe.lora.group_size, connector=False
             )
         apply_lora(
             model,
@@ -119,10 +120,7 @@ def make_train_step(model: MM1Model, optimizer, recipe: Recipe, group):
         if group.size() > 1:
             grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
             cross_entropy = mx.distributed.all_sum(cross_entropy, group=group)
-        if settings.grad_clip:
-            grads, norm = clip_grad_norm(grads, settings.grad_clip)
-        else:
-            norm = global_norm(grads)
+        grads, norm = clip_grad_norm(grads, settings.grad_clip or float("inf"))
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, norm, cross_entropy)
         return cross_entropy.item() / total_weight, norm.item()
@@ -130,18 +128,9 @@ def make_train_step(model: MM1Model, optimizer, recipe: Recipe, group):
     return step
 
 
-def global_norm(grads) -> mx.array:
-    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-
-
-def clip_grad_norm(grads, max_norm: float):
-    norm = global_norm(grads)
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm
-
-
 def evaluate(model: MM1Model, loader: DataLoader, batches: int, group) -> float:
     """Mean cross-entropy over the first `batches` validation batches (the same every time)."""
+    model.eval()  # no dropout
     total, weight = mx.array(0.0), mx.array(0.0)
     for _ in range(batches):
         batch = loader.next_batch()
@@ -149,7 +138,9 @@ def evaluate(model: MM1Model, loader: DataLoader, batches: int, group) -> float:
         total, weight = total + cross_entropy, weight + float(batch.weights.sum())
         mx.eval(total)
     if group.size() > 1:
-        total, weight = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(weight)
+        total = mx.distributed.all_sum(total, group=group)
+        weight = mx.distributed.all_sum(weight, group=group)
+    model.train()
     return (total / mx.maximum(weight, 1e-9)).item()
 
 
@@ -300,6 +291,7 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         loader.load_state_dict(state["data"])
         start = state["step"]
     metrics = MetricsLog(out / METRICS, start, is_main)
+    model.train()  # LoRA dropout on
     train_step = make_train_step(model, optimizer, recipe, group)
     data_state = loader.state_dict()
     tokens_per_step = recipe.data.batch_size * recipe.data.seq_len * recipe.train.grad_accumulation
@@ -341,6 +333,7 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
             raise KeyboardInterrupt(f"interrupted at step {step}; saved {folder}") from None
         raise
 
+    model.eval()
     if is_main:
         if recipe.lora is not None:
             fuse_lora(model)

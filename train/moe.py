@@ -1,0 +1,143 @@
+"""MM1's auxiliary router losses for mixture-of-experts decoders.
+
+Load balance (Switch Transformer / Mixtral): E * sum_i f_i * P_i, with f_i the fraction of the
+top-k routing choices that go to expert i and P_i the mean router probability of expert i (the
+softmax of the router logits over all experts); 1 when routing is uniform. Hugging Face's Mixtral
+counts f_i per top-k slot, which gives k times this. Router z-loss (ST-MoE): the mean over tokens
+of logsumexp(router logits)^2. Both are averaged over the MoE layers (and over every forward
+pass run while collecting) and weighted 0.01 and 0.001, as MM1 does.
+
+A router is found as mlx-lm's MoE blocks hold it: a block with a `switch_mlp` (its experts), a
+Linear `gate` or `router` (quantized or with LoRA) that gives the logits, and `top_k` or
+`num_experts_per_tok`. Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, GPT-OSS, Jamba and Llama 4 fit;
+blocks whose router picks the experts itself (DeepSeek's MoEGate) are refused.
+"""
+
+import functools
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tuner.lora import LoRALinear
+
+from mm1_mlx.errors import UserError
+
+ROUTER_NAMES = ("gate", "router")
+TOP_K_NAMES = ("top_k", "num_experts_per_tok")
+ROUTER_LAYERS = (nn.Linear, nn.QuantizedLinear, LoRALinear)  # LoRA on "mlp" wraps routers too
+
+
+class MoERouter(NamedTuple):
+    """One MoE block's router and how many experts it sends each token to."""
+
+    module: nn.Module
+    router_class: type
+    top_k: int
+
+
+@functools.cache
+def recording_class(router_class: type) -> type:
+    """A subclass of the router's class whose calls also hand the logits to `record_logits`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        logits = router_class.__call__(self, x)
+        self.record_logits(logits)
+        return logits
+
+    return type(f"Recording{router_class.__name__}", (router_class,), {"__call__": __call__})
+
+
+def find_routers(model: nn.Module) -> list[MoERouter]:
+    routers = []
+    for path, block in model.named_modules():
+        if "switch_mlp" not in block:
+            continue
+        router = next(
+            (block[n] for n in ROUTER_NAMES if isinstance(block.get(n), ROUTER_LAYERS)), None
+        )
+        top_k = next((getattr(block, n) for n in TOP_K_NAMES if hasattr(block, n)), None)
+        if router is None or top_k is None:
+            raise UserError(
+                f"{path}: {type(block).__name__} has no router giving logits; "
+                "router losses support MoE blocks like Mixtral's and Qwen3-MoE's"
+            )
+        routers.append(MoERouter(router, type(router), top_k))
+    return routers
+
+
+class RouterLosses:
+    """Collects the router logits of a decoder's MoE layers and turns them into MM1's auxiliary
+    loss. Run the forward pass inside `with router_losses:` and take `loss()` inside the function
+    given to `nn.value_and_grad`, so the gradients reach the routers:
+
+        router_losses = RouterLosses(model.decoder)
+
+        def loss_fn(model, batch):
+            with router_losses:
+                logits = model(batch.input_ids, batch.pixels)
+            return cross_entropy(logits, batch) + router_losses.loss()
+
+    It holds the routers it finds: create it after quantizing the model or adding LoRA layers.
+    For a dense decoder it does nothing and its loss is 0.
+    """
+
+    def __init__(
+        self, decoder: nn.Module, load_balance_coef: float = 0.01, z_loss_coef: float = 0.001
+    ):
+        self.routers = find_routers(decoder)
+        self.num_moe_layers = len(self.routers)
+        self.load_balance_coef = load_balance_coef
+        self.z_loss_coef = z_loss_coef
+        # (logits [..., num_experts], top_k) per MoE layer per forward pass, in call order
+        self.router_logits: list[tuple[mx.array, int]] = []
+
+    def __enter__(self) -> "RouterLosses":
+        # The routers' class is swapped, not the routers wrapped: parameter paths stay the same,
+        # as gradient checkpointing's recomputation (after the block is left) needs.
+        self.router_logits = []
+        for module, router_class, top_k in self.routers:
+            module.record_logits = self.recorder(top_k)
+            module.__class__ = recording_class(router_class)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for module, router_class, _ in self.routers:
+            module.__class__ = router_class
+            del module.record_logits
+
+    def recorder(self, top_k: int):
+        return lambda logits: self.router_logits.append((logits, top_k))
+
+    def load_balance_loss(self) -> mx.array:
+        return self.mean_over_layers(load_balance)
+
+    def z_loss(self) -> mx.array:
+        return self.mean_over_layers(lambda logits, _: z_loss(logits))
+
+    def loss(self) -> mx.array:
+        """The weighted sum of both losses, a scalar (0 for a dense decoder)."""
+        return self.load_balance_coef * self.load_balance_loss() + self.z_loss_coef * self.z_loss()
+
+    def mean_over_layers(self, loss_fn) -> mx.array:
+        if not self.router_logits:
+            if self.routers:
+                raise RuntimeError("no forward pass ran inside `with router_losses:`")
+            return mx.array(0.0)
+        losses = [loss_fn(logits, top_k) for logits, top_k in self.router_logits]
+        return mx.stack(losses).mean()
+
+
+def load_balance(logits: mx.array, top_k: int) -> mx.array:
+    """E * sum_i f_i P_i for one layer's router logits [..., E]."""
+    num_experts = logits.shape[-1]
+    logits = logits.reshape(-1, num_experts).astype(mx.float32)
+    mean_probs = mx.softmax(logits, axis=-1, precise=True).mean(axis=0)
+    chosen = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[:, :top_k].reshape(-1)
+    counts = mx.zeros((num_experts,)).at[chosen].add(1.0)
+    fractions = mx.stop_gradient(counts / chosen.size)
+    return num_experts * (fractions * mean_probs).sum()
+
+
+def z_loss(logits: mx.array) -> mx.array:
+    """Mean over tokens of logsumexp(logits)^2 for one layer's router logits [..., E]."""
+    return mx.square(mx.logsumexp(logits.astype(mx.float32), axis=-1)).mean()
