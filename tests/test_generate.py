@@ -143,3 +143,19 @@ def test_timing_statistics(tiny_model):
 @pytest.mark.parametrize("text, expected", [("abc", 0), ("ab", 2), ("xa", 1), ("", 0)])
 def test_text_that_may_start_a_stop_string_is_held_back(text, expected):
     assert _held_back(text, ["abd", "q"]) == expected
+
+
+def test_a_quantized_model_loads_and_generates(tiny_model_dir, tmp_path):
+    import mm1_mlx
+    from mm1_mlx.quantize import quantize_folder
+
+    quantize_folder(tiny_model_dir, tmp_path / "q4", bits=4, group_size=32, report=False)
+    model, processor = mm1_mlx.load(tmp_path / "q4")
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": "<image>\nDescribe the image."}], [picture(7)]
+    )
+    expected = argmax_by_full_forwards(model, inputs, 6, set(processor.tokenizer.eos_token_ids))
+    chunks = list(
+        stream_generate(model, processor, "Describe the image.", [picture(7)], max_tokens=6)
+    )
+    assert chunks[-1].tokens == expected and chunks[-1].generated_tokens == len(expected)

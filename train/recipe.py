@@ -51,7 +51,6 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     z_loss: float = 0.0  # coefficient of the output z-loss, mean logsumexp(logits)^2
     gradient_checkpointing: bool = False
-    compile: bool = False
 
 
 @dataclass
