@@ -7,7 +7,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mm1_mlx.config import ConnectorConfig, MM1Config
+from mm1_mlx.config import ConnectorConfig, MM1Config, read_json
 from mm1_mlx.connectors import build_connector
 from mm1_mlx.convert.connector import convert_connector
 from mm1_mlx.convert.llm import (
@@ -118,4 +118,33 @@ def convert_model(
         save_weights(tmp, weights)
         write_config(tmp, config)
         save_tokenizer(tokenizer, tmp, llm_path)
+    return config
+
+
+def init_model(
+    config_path: Path, tokenizer: str | Path, out: Path, seed: int = 0, overwrite: bool = False
+) -> MM1Config:
+    """A randomly initialised model folder, for training from scratch.
+
+    `config_path` is an MM1 config.json without weights (vision_config, connector_config,
+    text_config, preprocess_config); the tokenizer comes from `tokenizer` (a folder or hub id)
+    and gets the image token; the decoder's vocabulary is sized to fit the tokenizer.
+    """
+    config = MM1Config.from_dict(read_json(config_path))
+    tokenizer_path = resolve_path(tokenizer)
+    loaded_tokenizer = load_tokenizer(tokenizer_path)
+    # Room for every token and the image token, which may still have to be added.
+    vocab_size = max(config.text_config.get("vocab_size", 0), len(loaded_tokenizer) + 1)
+    config.text_config = {**config.text_config, "vocab_size": vocab_size}
+    config.image_token_id = add_image_token(
+        loaded_tokenizer, config.image_token, config.text_config, {}
+    )
+    config.connector_config.num_tokens = config.num_image_tokens
+    config.vision_config.image_size = config.preprocess_config.image_size
+    mx.random.seed(seed)
+    model = MM1Model(config)
+    with atomic_folder(Path(out), overwrite) as tmp:
+        save_weights(tmp, dict(tree_flatten(model.parameters())))
+        write_config(tmp, config)
+        save_tokenizer(loaded_tokenizer, tmp, tokenizer_path)
     return config

@@ -105,6 +105,23 @@ def convert(
 
 
 @app.command()
+def init(
+    config: Annotated[Path, typer.Argument(help="An MM1 config.json (no weights needed).")],
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer folder or hub id.")],
+    out: Annotated[Path, typer.Option(help="Output model folder.")],
+    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Create a randomly initialised model folder, to pre-train from scratch."""
+    from mm1_mlx.convert.assemble import init_model
+
+    made = init_model(config, tokenizer, out, seed, force)
+    typer.echo(
+        f"wrote {out}: image token id {made.image_token_id}, vocab {made.text_config['vocab_size']}"
+    )
+
+
+@app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
     out: Annotated[Path, typer.Option(help="Output model folder.")],

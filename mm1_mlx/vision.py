@@ -15,6 +15,7 @@ ACTIVATIONS = {
     "quick_gelu": nn.gelu_fast_approx,  # x * sigmoid(1.702 x), OpenAI CLIP / DFN5B
     "gelu": nn.gelu,  # erf
     "gelu_tanh": nn.gelu_approx,  # SigLIP's gelu_pytorch_tanh
+    "relu": nn.relu,  # for small models trained from scratch: ~10x cheaper than GELU on CPU
 }
 
 

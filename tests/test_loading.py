@@ -88,3 +88,31 @@ def test_weights_that_do_not_match_the_config(parts, tmp_path):
     mx.save_safetensors(str(out / "model.safetensors"), weights)
     with pytest.raises(UserError, match="connector.readout.0.weight"):
         mm1_mlx.load(out)
+
+
+def test_init_makes_a_random_model_from_a_config(tmp_path):
+    from builders import make_tokenizer
+    from helpers import run_cli
+
+    make_tokenizer(tmp_path / "tokenizer")
+    config = {
+        "vision_config": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2,
+                          "mlp_dim": 64, "act": "relu"},
+        "connector_config": {"model_type": "avg-pool", "input_dim": 32, "output_dim": 48,
+                             "num_input_tokens": 16},
+        "text_config": {"model_type": "llama", "hidden_size": 48, "num_hidden_layers": 1,
+                        "intermediate_size": 96, "num_attention_heads": 4, "rms_norm_eps": 1e-5},
+        "preprocess_config": {"image_size": 32},
+        "num_image_tokens": 4,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(
+        "init", str(tmp_path / "config.json"), "--tokenizer", str(tmp_path / "tokenizer"),
+        "--out", str(tmp_path / "model"),
+    )  # fmt: skip
+    assert code == 0, err
+    model, processor = mm1_mlx.load(tmp_path / "model")
+    assert model.config.text_config["vocab_size"] == 321  # 320 tokens + <image>
+    assert model.config.image_token_id == 320
+    inputs = processor("<image> a red square", [np.zeros((20, 30, 3), np.uint8)])
+    assert model(inputs["input_ids"], inputs["pixels"]).shape[-1] == 321
