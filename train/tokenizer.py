@@ -1,0 +1,84 @@
+"""Train a small byte-level BPE tokenizer on JSONL data, for models trained from scratch.
+
+Every integer 0..1000 (with and without a leading space) is one token, so a box
+`[x1, y1, x2, y2]` on MM1.5's 0-1000 grid is one token per coordinate: the model learns 1001
+coordinate values instead of digit sequences. Byte-level fallback keeps any text encodable.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mm1_mlx.errors import UserError
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+# User/Assistant turns; each assistant turn ends with </s>, which generation stops at.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}</s>\n"
+    "{% else %}{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+NUMBERS = [str(n) for n in range(1001)]
+
+
+def texts_of(record: dict) -> Iterator[str]:
+    """Every text in a JSONL record of any of the four data formats (not image paths)."""
+    for key, value in record.items():
+        if key in ("image", "images"):
+            continue
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    yield from texts_of(item)
+
+
+def corpus(files: list[Path]) -> Iterator[str]:
+    for file in files:
+        with open(file) as lines:
+            for line in lines:
+                yield from texts_of(json.loads(line))
+    # Numbers alone and after a space (how they follow "[" and ", " in boxes).
+    for _ in range(2):
+        yield " ".join(NUMBERS) + " " + ",".join(NUMBERS)
+
+
+def train_tokenizer(
+    files: list[Path], out: Path, vocab_size: int = 4096
+) -> PreTrainedTokenizerFast:
+    """Train, check that every number is one token, and save to `out` with a chat template."""
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: no such file")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus([Path(f) for f in files]), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    split = [
+        n for n in NUMBERS if len(tokenizer.encode(" " + n)) != 1 or len(tokenizer.encode(n)) != 1
+    ]
+    if split:
+        raise UserError(f"vocab_size {vocab_size} is too small: '{split[0]}' is not one token")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
