@@ -325,5 +325,5 @@ def test_unsupported_weight(hf_models, open_clip_file, tmp_path):
 
 def test_bad_overrides(open_clip_file):
     one_line_error(open_clip_file, "feature_layer 5", feature_layer=5)
-    one_line_error(open_clip_file, "act 'relu'", act="relu")
+    one_line_error(open_clip_file, "act 'swish'", act="swish")
     one_line_error(open_clip_file, "width 32 is not a multiple of heads 5", heads=5)
