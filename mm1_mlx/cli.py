@@ -195,6 +195,24 @@ def chat(
         console.print(stats_line(last), highlight=False)
 
 
+@app.command("app")
+def app_command(
+    model: Annotated[str | None, typer.Option(help="Model folder or hub id.")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every network).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """A local web app: add screenshots or photos, chat about them, see the boxes drawn.
+
+    Also serves an OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models."""
+    try:
+        from mm1_mlx.apps.server import serve
+    except ImportError as error:
+        raise UserError(f"the app needs {error.name}: pip install 'mm1-mlx[app]'") from None
+    serve(model, host, port)
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML (see train/recipes/).")],
@@ -242,6 +260,70 @@ def train(
 
         result = run(settings, resume=resume, reporter=report)
     typer.echo(f"wrote {result.out} after {result.steps} steps; {result.skipped}")
+
+
+data_app = typer.Typer(help="Datasets: the synthetic world.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    n: Annotated[int, typer.Option(min=0, help="Training images (half shapes, half screens).")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    style: Annotated[str, typer.Option(help="Renderer: plain, alt or mixed.")] = "mixed",
+    eval_per_task: Annotated[
+        int, typer.Option(min=0, help="Held-out examples per task in OUT/eval/.")
+    ] = 200,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Generate the synthetic world: images, pre-training and SFT JSONL, held-out eval sets."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from mm1_mlx.train.synth import TASKS, count_images, write_dataset
+
+    with Progress(TextColumn("[bold]synth"), BarColumn(), MofNCompleteColumn()) as progress:
+        task = progress.add_task("synth", total=count_images(n, eval_per_task))
+        write_dataset(
+            out, n, seed, style, eval_per_task, force, on_image=lambda: progress.advance(task)
+        )
+    typer.echo(f"wrote {out}: {n} training images, {eval_per_task} per task x {len(TASKS)} tasks")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Model folder or hub id.")],
+    data: Annotated[list[Path], typer.Option(help="Eval JSONL (repeatable).")],
+    limit: Annotated[int | None, typer.Option(min=1, help="At most N examples per file.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 32,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Per-task accuracy: exact match after trimming and lower-casing; boxes by IoU >= 0.5."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from mm1_mlx.evaluate import evaluate, load_examples
+    from mm1_mlx.loading import load
+
+    examples = [example for path in data for example in load_examples(path, limit)]
+    loaded, processor = load(model)
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn()) as progress:
+        task = progress.add_task("eval", total=len(examples))
+        report = evaluate(
+            loaded, processor, examples, max_tokens, on_example=lambda: progress.advance(task)
+        )
+    table = Table(title=f"{model} on {len(examples)} examples")
+    for column in ("task", "n", "correct", "accuracy"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for row in report.rows():
+        table.add_row(*row)
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:
