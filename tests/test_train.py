@@ -137,3 +137,53 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(workdir):
     assert one.keys() == two.keys()
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+
+
+def test_gradient_checkpointing_gives_the_same_losses(workdir):
+    from mlx_lm.models.llama import TransformerBlock
+
+    call = TransformerBlock.__call__
+    checkpointed = train(
+        load_recipe(
+            workdir / "tiny-pretrain.toml",
+            ["train.steps=3", "train.gradient_checkpointing=true", "modules.vision.trainable=true"],
+            out=workdir / "b",
+        )
+    )
+    assert TransformerBlock.__call__ is call  # the class is restored afterwards
+    reference = train(
+        load_recipe(
+            workdir / "tiny-pretrain.toml",
+            ["train.steps=3", "modules.vision.trainable=true"],
+            out=workdir / "c",
+        )
+    )
+    for step, loss in losses(reference.out).items():
+        assert abs(losses(checkpointed.out)[step] - loss) <= 1e-5 * abs(loss)
+
+
+def test_an_moe_decoder_trains_with_its_router_losses(workdir):
+    from builders import make_tokenizer
+
+    make_tokenizer(workdir / "tokenizer")
+    config = json.loads((workdir / "model" / "config.json").read_text())
+    config["text_config"] = {
+        "model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2,
+        "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_local_experts": 4, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+        "vocab_size": 336,
+    }  # fmt: skip
+    (workdir / "moe-config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(
+        "init", str(workdir / "moe-config.json"), "--tokenizer", str(workdir / "tokenizer"),
+        "--out", str(workdir / "moe"),
+    )  # fmt: skip
+    assert code == 0, err
+    recipe = load_recipe(
+        workdir / "tiny-pretrain.toml", ["model='moe'", "train.steps=4"], out=workdir / "moe-run"
+    )
+    result = train(recipe)
+    curve = list(losses(result.out).values())
+    assert len(curve) == 4 and all(np.isfinite(curve))
+    gate = "decoder.model.layers.0.block_sparse_moe.gate.weight"
+    assert not np.array_equal(weights(workdir / "moe", gate)[gate], weights(result.out, gate)[gate])

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.loading import copy_tokenizer_files, load, resolve_path, save_weights, write_config
@@ -59,13 +62,23 @@ def prepare_model(recipe: Recipe) -> tuple[MM1Model, Any]:
             num_layers=recipe.lora.num_layers,
         )
     freeze_modules(model, recipe.modules)
-    if recipe.train.gradient_checkpointing:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        for layers in (model.decoder.layers, model.vision.blocks):
-            if layers:
-                grad_checkpoint(layers[0])  # patches the layer class: every instance
     return model, processor
+
+
+@contextmanager
+def gradient_checkpointing(model: MM1Model, enabled: bool) -> Iterator[None]:
+    """Recompute each decoder layer's and ViT block's activations in the backward pass instead
+    of keeping them. mlx-lm's grad_checkpoint patches the layer *class*, so the original
+    `__call__` is put back afterwards (other models in the process stay as they were)."""
+    firsts = [layers[0] for layers in (model.decoder.layers, model.vision.blocks) if layers]
+    originals = {type(layer): type(layer).__call__ for layer in firsts} if enabled else {}
+    for layer in firsts if enabled else []:
+        grad_checkpoint(layer)
+    try:
+        yield
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call
 
 
 def peak_lr(recipe: Recipe, model: MM1Model) -> float:
@@ -236,6 +249,11 @@ def make_loader(recipe: Recipe, processor, sources, group) -> DataLoader:
     )
 
 
+def validation_due(recipe: Recipe, step: int) -> bool:
+    every = recipe.log.eval_every
+    return bool(every and recipe.data.validation and step % every == 0)
+
+
 def check_out(out: Path, resume: bool) -> None:
     if resume or not out.exists():
         return
@@ -298,33 +316,34 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
 
     step = start
     try:
-        while step < recipe.train.steps:
-            mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: the same on resume
-            began = time.perf_counter()
-            batches = [loader.next_batch() for _ in range(recipe.train.grad_accumulation)]
-            loss, grad_norm = train_step(batches)
-            step += 1
-            data_state = loader.state_dict()
-            values = {
-                "step": step,
-                "loss": loss,
-                "lr": float(schedule(step - 1)),
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_step / (time.perf_counter() - began),
-            }
-            if (
-                recipe.log.eval_every
-                and step % recipe.log.eval_every == 0
-                and recipe.data.validation
-            ):
-                validation = make_loader(recipe, processor, recipe.data.validation, group)
-                values["val_loss"] = evaluate(model, validation, recipe.log.eval_batches, group)
-            if step % recipe.log.every == 0 or "val_loss" in values or step == recipe.train.steps:
-                metrics.write(**values)
-            if is_main and step % recipe.checkpoint.every == 0:
-                save_checkpoint(out, step, model, optimizer, data_state, recipe.checkpoint.keep)
-            if reporter and is_main:
-                reporter(step, values)
+        with gradient_checkpointing(model, recipe.train.gradient_checkpointing):
+            while step < recipe.train.steps:
+                mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
+                began = time.perf_counter()
+                batches = [loader.next_batch() for _ in range(recipe.train.grad_accumulation)]
+                loss, grad_norm = train_step(batches)
+                step += 1
+                data_state = loader.state_dict()
+                values = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": float(schedule(step - 1)),
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_step / (time.perf_counter() - began),
+                }
+                if validation_due(recipe, step):
+                    validation = make_loader(recipe, processor, recipe.data.validation, group)
+                    values["val_loss"] = evaluate(model, validation, recipe.log.eval_batches, group)
+                if (
+                    step % recipe.log.every == 0
+                    or "val_loss" in values
+                    or step == recipe.train.steps
+                ):
+                    metrics.write(**values)
+                if is_main and step % recipe.checkpoint.every == 0:
+                    save_checkpoint(out, step, model, optimizer, data_state, recipe.checkpoint.keep)
+                if reporter and is_main:
+                    reporter(step, values)
     except KeyboardInterrupt:
         if is_main and step > start:
             folder = save_checkpoint(
