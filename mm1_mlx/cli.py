@@ -290,6 +290,20 @@ def data_synth(
     typer.echo(f"wrote {out}: {n} training images, {eval_per_task} per task x {len(TASKS)} tasks")
 
 
+@data_app.command("tokenizer")
+def data_tokenizer(
+    files: Annotated[list[Path], typer.Argument(help="JSONL data files (any of the formats).")],
+    out: Annotated[Path, typer.Option(help="Output tokenizer folder.")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size.")] = 4096,
+) -> None:
+    """Train a byte-level BPE tokenizer for a model trained from scratch (one token per
+    box coordinate 0..1000), with a User/Assistant chat template."""
+    from mm1_mlx.train.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(files, out, vocab_size)
+    typer.echo(f"wrote {out}: {len(tokenizer)} tokens")
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="Model folder or hub id.")],

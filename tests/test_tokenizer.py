@@ -40,3 +40,15 @@ def test_too_small_a_vocabulary_is_refused(tmp_path):
     make_dataset(tmp_path / "data", n=3)
     with pytest.raises(UserError, match="too small"):
         train_tokenizer([tmp_path / "data" / "text.jsonl"], tmp_path / "tok", vocab_size=600)
+
+
+def test_cli_data_tokenizer(tmp_path):
+    from helpers import run_cli
+
+    make_dataset(tmp_path / "data", n=4)
+    files = [str(p) for p in sorted((tmp_path / "data").glob("*.jsonl"))]
+    code, out, err = run_cli("data", "tokenizer", *files, "--out", str(tmp_path / "tok"))
+    assert code == 0, err
+    assert (tmp_path / "tok" / "tokenizer.json").is_file() and "tokens" in out
+    code, _, err = run_cli("data", "tokenizer", str(tmp_path / "none.jsonl"), "--out", "x")
+    assert code == 1 and "no such file" in err
