@@ -467,11 +467,9 @@ def is_loopback(host: str) -> bool:
 
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:
     """`mm1-mlx app`: load the model, then serve the page and the API until Ctrl+C."""
-    from mm1_mlx.loading import load
+    from mm1_mlx.loading import load, model_or_default
 
-    if model is None:  # the one place that picks the model when none is given
-        raise UserError("no --model given (a model folder or hub id)")
-    loaded, processor = load(model)
+    loaded, processor = load(model_or_default(model))
     local = is_loopback(host)
     hosts = [*LOOPBACK_HOSTS, host] if local else None
     app = create_app(loaded, processor, model, read_paths=local, allowed_hosts=hosts)

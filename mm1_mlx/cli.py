@@ -170,10 +170,9 @@ def chat(
 
     from mm1_mlx.chat import check_images, interactive, stats_line, stream_answer
     from mm1_mlx.generate import ChatSession, GenerationSettings
-    from mm1_mlx.loading import load
+    from mm1_mlx.loading import load, model_or_default
 
-    if model is None:
-        raise UserError("no --model given (a model folder or hub id)")
+    model = model_or_default(model)
     images = check_images(image or [])
     settings = GenerationSettings(
         max_tokens=max_tokens,

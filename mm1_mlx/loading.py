@@ -45,6 +45,14 @@ def resolve_path(path_or_repo: str | Path, allow_patterns: list[str] | None = No
         ) from None
 
 
+def model_or_default(model: str | Path | None) -> str | Path:
+    """The model a command uses: the one given, else the embedded demo model (issue 5 ships it;
+    until then a clear error)."""
+    if model is None:
+        raise UserError("no --model given (a model folder or hub id)")
+    return model
+
+
 def read_config(folder: Path) -> MM1Config:
     config_path = folder / "config.json"
     if not config_path.is_file():
