@@ -143,7 +143,7 @@ def generate_tokens(
     detokenizer.reset()
     eos = set(processor.tokenizer.eos_token_ids)
     stats = GenerationChunk("", None, prompt_tokens=len(ids), cached_tokens=reuse)
-    text, shown, first_token_at, generated = "", 0, 0.0, []
+    text, shown, first_token_at, generated, cut_at_stop = "", 0, 0.0, [], False
     steps = generate_step(
         prompt,
         model.decoder,
@@ -170,7 +170,7 @@ def generate_tokens(
         text += detokenizer.last_segment
         cut = min((text.find(s) for s in settings.stop if s in text), default=-1)
         if cut >= 0:
-            text, stats.finish_reason = text[:cut], "stop"
+            text, stats.finish_reason, cut_at_stop = text[:cut], "stop", True
             break
         safe = len(text) - _held_back(text, settings.stop)
         if safe > shown:
@@ -178,7 +178,7 @@ def generate_tokens(
             shown = safe
     else:
         stats.finish_reason = "length"
-    if stats.finish_reason == "length":
+    if not cut_at_stop:  # the detokenizer may still hold the end of a multi-byte character
         detokenizer.finalize()
         text += detokenizer.last_segment
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
