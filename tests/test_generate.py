@@ -159,3 +159,16 @@ def test_a_quantized_model_loads_and_generates(tiny_model_dir, tmp_path):
         stream_generate(model, processor, "Describe the image.", [picture(7)], max_tokens=6)
     )
     assert chunks[-1].tokens == expected and chunks[-1].generated_tokens == len(expected)
+
+
+@pytest.mark.parametrize("ending", ["eos", "length"])
+def test_a_multibyte_character_at_the_end_is_not_lost(tiny_model, monkeypatch, ending):
+    model, processor = tiny_model
+    scripted = processor.tokenizer.encode("café", add_special_tokens=False)
+    assert len(scripted) > 1  # byte-level pieces: "é" spans tokens
+    if ending == "eos":
+        scripted = [*scripted, processor.tokenizer.eos_token_id]
+    monkeypatch.setattr(
+        "mm1_mlx.generate.generate_step", lambda *a, **k: ((t, None) for t in scripted)
+    )
+    assert generate(model, processor, "Say it.", max_tokens=len(scripted)) == "café"
