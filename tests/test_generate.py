@@ -172,3 +172,22 @@ def test_a_multibyte_character_at_the_end_is_not_lost(tiny_model, monkeypatch, e
         "mm1_mlx.generate.generate_step", lambda *a, **k: ((t, None) for t in scripted)
     )
     assert generate(model, processor, "Say it.", max_tokens=len(scripted)) == "café"
+    # A detokenizer may hold text back until finalize() (mlx-lm's SPM and BPE ones do for
+    # incomplete characters); this one holds everything, so only finalize() reveals it.
+    monkeypatch.setattr(processor.tokenizer, "_detokenizer", HoldingDetokenizer(processor))
+    assert generate(model, processor, "Say it.", max_tokens=len(scripted)) == "café"
+
+
+class HoldingDetokenizer:
+    def __init__(self, processor):
+        self.processor, self.tokens, self.last_segment = processor, [], ""
+
+    def reset(self):
+        self.tokens, self.last_segment = [], ""
+
+    def add_token(self, token):
+        self.tokens.append(token)
+        self.last_segment = ""
+
+    def finalize(self):
+        self.last_segment = self.processor.tokenizer.decode(self.tokens)
