@@ -31,3 +31,11 @@ def run_cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
     finally:
         sys.argv, sys.stdin = old_argv, old_stdin
     return code, out.getvalue(), err.getvalue()
+
+
+def init_model_folder(config_path, tokenizer, out) -> None:
+    """`mm1-mlx init CONFIG --tokenizer T --out OUT`, which must succeed."""
+    code, _, err = run_cli(
+        "init", str(config_path), "--tokenizer", str(tokenizer), "--out", str(out)
+    )
+    assert code == 0, err

@@ -92,7 +92,7 @@ def test_weights_that_do_not_match_the_config(parts, tmp_path):
 
 def test_init_makes_a_random_model_from_a_config(tmp_path):
     from builders import make_tokenizer
-    from helpers import run_cli
+    from helpers import init_model_folder
 
     make_tokenizer(tmp_path / "tokenizer")
     config = {
@@ -106,11 +106,7 @@ def test_init_makes_a_random_model_from_a_config(tmp_path):
         "num_image_tokens": 4,
     }  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
-    code, out, err = run_cli(
-        "init", str(tmp_path / "config.json"), "--tokenizer", str(tmp_path / "tokenizer"),
-        "--out", str(tmp_path / "model"),
-    )  # fmt: skip
-    assert code == 0, err
+    init_model_folder(tmp_path / "config.json", tmp_path / "tokenizer", tmp_path / "model")
     model, processor = mm1_mlx.load(tmp_path / "model")
     assert model.config.text_config["vocab_size"] == 321  # 320 tokens + <image>
     assert model.config.image_token_id == 320

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from builders import make_dataset
-from helpers import run_cli
+from helpers import init_model_folder, run_cli
 
 import mm1_mlx
 from mm1_mlx.train.recipe import load_recipe
@@ -174,11 +174,7 @@ def test_an_moe_decoder_trains_with_its_router_losses(workdir):
         "vocab_size": 336,
     }  # fmt: skip
     (workdir / "moe-config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(
-        "init", str(workdir / "moe-config.json"), "--tokenizer", str(workdir / "tokenizer"),
-        "--out", str(workdir / "moe"),
-    )  # fmt: skip
-    assert code == 0, err
+    init_model_folder(workdir / "moe-config.json", workdir / "tokenizer", workdir / "moe")
     recipe = load_recipe(
         workdir / "tiny-pretrain.toml", ["model='moe'", "train.steps=4"], out=workdir / "moe-run"
     )
