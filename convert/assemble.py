@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mm1_mlx.config import ConnectorConfig, MM1Config, read_json
@@ -122,13 +123,19 @@ def convert_model(
 
 
 def init_model(
-    config_path: Path, tokenizer: str | Path, out: Path, seed: int = 0, overwrite: bool = False
+    config_path: Path,
+    tokenizer: str | Path,
+    out: Path,
+    seed: int = 0,
+    overwrite: bool = False,
+    smooth_numbers: bool = False,
 ) -> MM1Config:
     """A randomly initialised model folder, for training from scratch.
 
     `config_path` is an MM1 config.json without weights (vision_config, connector_config,
     text_config, preprocess_config); the tokenizer comes from `tokenizer` (a folder or hub id)
     and gets the image token; the decoder's vocabulary is sized to fit the tokenizer.
+    `smooth_numbers`: see `smooth_number_embeddings`.
     """
     config = MM1Config.from_dict(read_json(config_path))
     tokenizer_path = resolve_path(tokenizer)
@@ -143,8 +150,35 @@ def init_model(
     config.vision_config.image_size = config.preprocess_config.image_size
     mx.random.seed(seed)
     model = MM1Model(config)
+    if smooth_numbers:
+        smooth_number_embeddings(model, loaded_tokenizer)
     with atomic_folder(Path(out), overwrite) as tmp:
         save_weights(tmp, dict(tree_flatten(model.parameters())))
         write_config(tmp, config)
         save_tokenizer(loaded_tokenizer, tmp, tokenizer_path)
     return config
+
+
+def smooth_number_embeddings(model: MM1Model, tokenizer: Any) -> None:
+    """Start the tokens of the integers 0..1000 (MM1.5's box coordinates, alone and after a
+    space) from sinusoids of their value plus some of their random start, so that with tied
+    embeddings near coordinates get near logits from the first step and a box answer that is
+    a few units off is learned as almost right. Each token must be one token of its own."""
+    numbers = [str(n) for n in range(1001)]
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in numbers]
+    spaced = [tokenizer.encode(" " + text, add_special_tokens=False) for text in numbers]
+    if any(len(t) != 1 for t in ids + spaced):
+        raise UserError("--smooth-numbers needs a tokenizer where each of 0..1000 is one token")
+    embedding = getattr(model.decoder, "model", model.decoder).embed_tokens
+    table = np.array(embedding.weight)
+    dims = table.shape[1]
+    # Periods from 2000 down to ~4 coordinate units, a sine and a cosine each.
+    frequencies = np.geomspace(1 / 2000, 1 / 4, dims // 2)
+    angles = 2 * np.pi * np.arange(1001)[:, None] * frequencies[None, :]
+    waves = np.zeros((1001, dims), np.float32)
+    waves[:, : dims // 2], waves[:, dims // 2 : 2 * (dims // 2)] = np.sin(angles), np.cos(angles)
+    waves *= table.std() * np.sqrt(2)  # the random rows' size (a sinusoid's RMS is 1/sqrt 2)
+    for rows in (np.array(ids)[:, 0], np.array(spaced)[:, 0]):
+        # Keep some of each token's random start: "7" and " 7" must stay distinguishable.
+        table[rows] = 0.8 * waves + 0.6 * table[rows]
+    embedding.weight = mx.array(table)

@@ -111,11 +111,15 @@ def init(
     out: Annotated[Path, typer.Option(help="Output model folder.")],
     seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    smooth_numbers: Annotated[
+        bool,
+        typer.Option(help="Start the 0..1000 coordinate tokens from sinusoids of their value."),
+    ] = False,
 ) -> None:
     """Create a randomly initialised model folder, to pre-train from scratch."""
     from mm1_mlx.convert.assemble import init_model
 
-    made = init_model(config, tokenizer, out, seed, force)
+    made = init_model(config, tokenizer, out, seed, force, smooth_numbers)
     typer.echo(
         f"wrote {out}: image token id {made.image_token_id}, vocab {made.text_config['vocab_size']}"
     )

@@ -179,6 +179,21 @@ def test_example_weighting_gives_each_example_a_total_of_one(processor, tmp_path
     assert spans[0].max() == 1.0 and 0 < spans[1][spans[1] > 0].min() < 0.2
 
 
+def test_turn_weighting_gives_each_answer_a_total_of_one(processor, tmp_path):
+    png(tmp_path, "b.png", BLUE)
+    long_answer = {"role": "assistant", "content": "a large blue square in the middle"}
+    path = write_jsonl(
+        tmp_path / "chat.jsonl", [{**CHAT, "messages": [*CHAT["messages"][:-1], long_answer]}]
+    )
+    by_turn = loader(processor, path, "chat", seq_len=120, loss_weighting="turn").next_batch()
+    by_example = loader(processor, path, "chat", seq_len=120, loss_weighting="example")
+    np.testing.assert_array_equal(by_turn.weights > 0, by_example.next_batch().weights > 0)
+    trained = np.flatnonzero(by_turn.weights[0] > 0)
+    turns = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)
+    assert len(turns) == 2 and len(turns[0]) != len(turns[1])
+    assert [round(float(by_turn.weights[0][turn].sum()), 6) for turn in turns] == [1.0, 1.0]
+
+
 # -- packing --------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ example's first token (it would be predicted from an unrelated example's end).
 """
 
 import collections
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from mm1_mlx.errors import UserError
 from mm1_mlx.processor import Processor, load_image, num_tiles, read_image_size
 from mm1_mlx.splitting import Grid
 
-LOSS_WEIGHTINGS = ("token", "example")
+LOSS_WEIGHTINGS = ("token", "example", "turn")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
@@ -363,9 +364,20 @@ class DataLoader:
     def loss_weights(self, example: Example) -> list[float]:
         """Per token: with "token" weighting 1 where trained; with "example" the example's
         trained tokens share 1, so a short answer counts as much as a long one (all the turns
-        of a chat share it: a conversation is one example)."""
-        weight = 1.0 if self.loss_weighting == "token" else 1.0 / sum(example.trained)
-        return [weight if trained else 0.0 for trained in example.trained]
+        of a chat share it: a conversation is one example); with "turn" each run of trained
+        tokens (a chat's assistant turn) shares 1, so every answer counts the same."""
+        if self.loss_weighting == "token":
+            return [float(trained) for trained in example.trained]
+        if self.loss_weighting == "example":
+            runs = [len(example.trained)]
+        else:
+            runs = [len(list(run)) for _, run in itertools.groupby(example.trained)]
+        weights = []
+        for run in runs:
+            span = example.trained[len(weights) : len(weights) + run]
+            share = 1.0 / max(sum(span), 1)
+            weights += [share if trained else 0.0 for trained in span]
+        return weights
 
     def row_tiles(self, row: Row) -> list[np.ndarray]:
         """Decode the row's images. An image that turns out corrupt only now gets zero tiles and

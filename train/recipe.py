@@ -28,7 +28,7 @@ class DataSettings:
     seq_len: int = 2048
     batch_size: int = 8  # global: sequences per optimizer step, across all ranks
     max_images_per_sequence: int = 16
-    loss_weighting: str = "token"  # "token" or "example"
+    loss_weighting: str = "token"  # "token", "example" or "turn"
     split_images: bool | None = None  # None: as the model's config says
     strict: bool = False
 

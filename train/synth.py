@@ -389,6 +389,31 @@ def questions(scene: Scene) -> list[QA]:
     return shape_questions(scene) if isinstance(scene, ShapeScene) else screen_questions(scene)
 
 
+# Answers that give others away: the description names every colour and count, the button
+# list counts the buttons. Asked in one conversation, the later answer would be copied from
+# the earlier one instead of read from the image, and held-out questions come first.
+RIVAL_TASKS = (
+    ({"describe"}, {"color", "count_kind", "count_objects"}),
+    ({"list_buttons"}, {"count_buttons"}),
+)
+
+
+def conversation_questions(scene: Scene, rng: random.Random) -> list[QA]:
+    """The questions of one training conversation about `scene`, in random order: one side of
+    each rival pair of tasks, and per object its box or what is at it (never both)."""
+    dropped = {task for pair in RIVAL_TASKS for task in rng.choice(pair)}
+    kept, ground = [], None
+    for qa in questions(scene):
+        if qa.task.startswith("ground_"):
+            ground = qa  # grounding() yields each object's ground question, then its refer one
+        elif qa.task.startswith("refer_"):
+            kept.append(rng.choice([ground, qa]))
+        elif qa.task not in dropped:
+            kept.append(qa)
+    rng.shuffle(kept)
+    return kept
+
+
 def compare_question(first: ShapeScene, second: ShapeScene) -> QA:
     more = "first" if len(first.shapes) > len(second.shapes) else "second"
     return QA("compare", COMPARE_QUESTION, f"the {more}")
@@ -450,12 +475,11 @@ def conversation(qas: list[QA], num_images: int) -> list[dict[str, str]]:
 
 
 def chat_records(names: list[str], scenes: list[Scene], rng: random.Random) -> list[dict]:
-    """Per image every applicable question in random order; per shape scene a compare question
-    with another shape scene of a different count; all shuffled."""
+    """Per image one conversation (`conversation_questions`); per shape scene a compare
+    question with another shape scene of a different count; all shuffled."""
     records = []
     for name, scene in zip(names, scenes, strict=True):
-        qas = questions(scene)
-        rng.shuffle(qas)
+        qas = conversation_questions(scene, rng)
         records.append({"images": [name], "messages": conversation(qas, 1)})
     shapes = [(n, s) for n, s in zip(names, scenes, strict=True) if isinstance(s, ShapeScene)]
     if len({len(scene.shapes) for _, scene in shapes}) > 1:  # else no pair differs

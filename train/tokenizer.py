@@ -24,11 +24,17 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+# How CHAT_TEMPLATE starts each turn: trained on, so a turn's prefix costs two or three tokens.
+TURN_PREFIXES = {"user": "User: ", "assistant": "Assistant: "}
 NUMBERS = [str(n) for n in range(1001)]
 
 
 def texts_of(record: dict) -> Iterator[str]:
-    """Every text in a JSONL record of any of the four data formats (not image paths)."""
+    """Every text in a JSONL record of any of the four data formats (not image paths); chat
+    messages as the chat template writes them."""
+    if isinstance(record.get("role"), str) and isinstance(record.get("content"), str):
+        yield TURN_PREFIXES.get(record["role"], "") + record["content"]
+        return
     for key, value in record.items():
         if key in ("image", "images"):
             continue
