@@ -3,9 +3,11 @@
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 
+from mm1_mlx.annotate import save_annotated
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import ChatSession, GenerationChunk
 from mm1_mlx.processor import load_image
@@ -38,9 +40,11 @@ def check_markers(session: ChatSession, prompt: str, num_images: int) -> None:
 
 
 def stream_answer(
-    session: ChatSession, prompt: str, images: Sequence, out=sys.stdout
+    session: ChatSession, prompt: str, images: Sequence, out: TextIO | None = None
 ) -> GenerationChunk:
-    """Print the answer as it streams; returns the last chunk (its statistics)."""
+    """Print the answer as it streams (to stdout as it is now, not at import); returns the last
+    chunk (its statistics)."""
+    out = out or sys.stdout
     check_markers(session, prompt, len(images))
     chunk = None
     for chunk in session.ask(prompt, images):
@@ -48,6 +52,16 @@ def stream_answer(
         out.flush()
     out.write("\n")
     return chunk
+
+
+def annotate_answer(session: ChatSession, path: Path, console: Console) -> None:
+    """Draw the last answer's boxes on the conversation's latest image, into `path`."""
+    if not session.images:
+        console.print(f"[dim]no image to draw on: {path} not written[/]", highlight=False)
+        return
+    count = save_annotated(path, session.images[-1], session.messages[-1]["content"])
+    boxes = f"{count} box{'es' * (count != 1)}"
+    console.print(f"[dim]drew {boxes} on {path}[/]", highlight=False)
 
 
 def _read_lines(console: Console) -> Iterator[str]:
@@ -62,7 +76,13 @@ def _read_lines(console: Console) -> Iterator[str]:
             return
 
 
-def interactive(session: ChatSession, images: list, verbose: bool, console: Console) -> None:
+def interactive(
+    session: ChatSession,
+    images: list,
+    verbose: bool,
+    console: Console,
+    annotate: Path | None = None,
+) -> None:
     console.print(f"[dim]{HELP}[/]")
     pending = list(images)
     for line in _read_lines(console):
@@ -91,6 +111,8 @@ def interactive(session: ChatSession, images: list, verbose: bool, console: Cons
             pending = []
             if verbose:
                 console.print(f"[dim]{stats_line(chunk)}[/]", highlight=False)
+            if annotate:
+                annotate_answer(session, annotate, console)
 
 
 def _attach(path: str, console: Console) -> list:

@@ -168,16 +168,25 @@ def chat(
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     verbose: Annotated[bool, typer.Option(help="Print TTFT, tokens/s and peak memory.")] = False,
+    annotate: Annotated[
+        Path | None, typer.Option(help="Draw the answer's boxes on the last image into this file.")
+    ] = None,
 ) -> None:
-    """Chat about images: prints the streamed answer to PROMPT, or starts an interactive chat."""
+    """Chat about images: prints the streamed answer to PROMPT, or starts an interactive chat.
+
+    Without --model it uses the small demo model shipped inside the package, which knows the
+    synthetic shapes and screens of examples/ (docs/synthetic-world.md)."""
     from rich.console import Console
 
-    from mm1_mlx.chat import check_images, interactive, stats_line, stream_answer
+    from mm1_mlx.annotate import check_output
+    from mm1_mlx.chat import annotate_answer, check_images, interactive, stats_line, stream_answer
     from mm1_mlx.generate import ChatSession, GenerationSettings
     from mm1_mlx.loading import load, model_or_default
 
-    model = model_or_default(model)
+    if annotate:
+        check_output(annotate)
     images = check_images(image or [])
+    model = model_or_default(model)
     settings = GenerationSettings(
         max_tokens=max_tokens,
         temperature=temp,
@@ -191,11 +200,13 @@ def chat(
     session = ChatSession(loaded, processor, settings, system=system)
     console = Console(stderr=True)
     if prompt is None:
-        interactive(session, images, verbose, Console())
+        interactive(session, images, verbose, Console(), annotate)
         return
     last = stream_answer(session, prompt, images)
     if verbose:
         console.print(stats_line(last), highlight=False)
+    if annotate:
+        annotate_answer(session, annotate, console)
 
 
 @app.command("app")
@@ -309,8 +320,10 @@ def data_tokenizer(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="Model folder or hub id.")],
     data: Annotated[list[Path], typer.Option(help="Eval JSONL (repeatable).")],
+    model: Annotated[
+        str | None, typer.Option(help="Model folder or hub id (default: the demo model).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most N examples per file.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 32,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
@@ -323,8 +336,9 @@ def eval_(
     from rich.table import Table
 
     from mm1_mlx.evaluate import evaluate, load_examples
-    from mm1_mlx.loading import load
+    from mm1_mlx.loading import load, model_or_default
 
+    model = model_or_default(model)
     examples = [example for path in data for example in load_examples(path, limit)]
     loaded, processor = load(model)
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn()) as progress:

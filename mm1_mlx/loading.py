@@ -45,12 +45,17 @@ def resolve_path(path_or_repo: str | Path, allow_patterns: list[str] | None = No
         ) from None
 
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+
 def model_or_default(model: str | Path | None) -> str | Path:
-    """The model a command uses: the one given, else the embedded demo model (issue 5 ships it;
-    until then a clear error)."""
-    if model is None:
-        raise UserError("no --model given (a model folder or hub id)")
-    return model
+    """The model a command uses: the one given, else the demo model shipped in the package
+    (trained by train/recipes/demo on the synthetic world of docs/synthetic-world.md)."""
+    if model is not None:
+        return model
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise UserError(f"no --model given and the demo model is missing from {DEMO_MODEL}")
+    return DEMO_MODEL
 
 
 def read_config(folder: Path) -> MM1Config:
