@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Reproduce the demo model from nothing with mm1-mlx's own pipeline:
-#   bash train/recipes/demo/build.sh [WORK_DIR] [IMAGES_PER_HALF]
+#   bash train/recipes/demo/build.sh [WORK_DIR] [IMAGES_PER_HALF] [EVAL_PER_TASK] [TRAIN_ARGS...]
+# TRAIN_ARGS go to both `mm1-mlx train` calls (the tests shorten the run with --set).
 # Every stage can be interrupted and continued: re-running this script (or
 # `mm1-mlx train ... --resume`) continues exactly where the last checkpoint left off.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:-demo-work}"
 n="${2:-12000}"
+eval_per_task="${3:-50}"
+train_args=("${@:4}")
 mkdir -p "$work"
 cp "$here/config.json" "$here/pretrain.toml" "$here/sft.toml" "$work/"
 cd "$work"
 # Two seeds in parallel: the generator is single-threaded.
-[ -d data-a ] || mm1-mlx data synth --out data-a --n "$n" --seed 1 --eval-per-task 50 &
+[ -d data-a ] || mm1-mlx data synth --out data-a --n "$n" --seed 1 --eval-per-task "$eval_per_task" &
 [ -d data-b ] || mm1-mlx data synth --out data-b --n "$n" --seed 2 --eval-per-task 0 &
 wait
 [ -d tokenizer ] || mm1-mlx data tokenizer data-a/captions.jsonl data-a/interleaved.jsonl \
     data-a/text.jsonl data-a/chat.jsonl --out tokenizer
 [ -d base ] || mm1-mlx init config.json --tokenizer tokenizer --out base --smooth-numbers
-mm1-mlx train pretrain.toml --resume
-mm1-mlx train sft.toml --resume
+mm1-mlx train pretrain.toml --resume "${train_args[@]}"
+mm1-mlx train sft.toml --resume "${train_args[@]}"
 mm1-mlx eval --model sft $(printf -- "--data %s " data-a/eval/*.jsonl) --json eval.json

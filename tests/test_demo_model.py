@@ -1,0 +1,97 @@
+"""The demo model shipped in the package (train/recipes/demo): the default of `mm1-mlx chat`,
+offline, and right about held-out images of the synthetic world; and its recipe runs."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+from PIL import Image
+
+from mm1_mlx.boxes import parse_boxes
+from mm1_mlx.evaluate import evaluate, iou, load_examples
+from mm1_mlx.loading import DEMO_MODEL, load
+from mm1_mlx.train.synth import TASKS, write_eval
+
+ROOT = Path(__file__).resolve().parent.parent
+SEND_BUTTON = "[388, 309, 831, 425]"  # examples/screen.png, seed 8 (examples/README.md)
+# Per question type, what the shipped model must reach on a fresh held-out sample (its
+# 200-per-type scores are in README.md; benchmarks/demo_eval.py measures them).
+TARGETS = dict.fromkeys(TASKS, 0.9) | {"ground_shape": 0.8, "ground_button": 0.8}
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to reach the network fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_the_demo_model_is_package_data_of_a_few_tens_of_mb():
+    assert (DEMO_MODEL / "config.json").is_file()
+    size = sum(path.stat().st_size for path in DEMO_MODEL.iterdir())
+    assert size < 40e6
+
+
+def test_chat_without_a_model_grounds_the_send_button_offline(offline, tmp_path):
+    out = tmp_path / "send.png"
+    code, answer, err = run_cli(
+        "chat", "--image", str(ROOT / "examples/screen.png"), "--annotate", str(out),
+        "Where is the Send button?",
+    )  # fmt: skip
+    assert code == 0, err
+    size = (160, 320)
+    [box] = parse_boxes(answer, size)
+    [truth] = parse_boxes(SEND_BUTTON, size)
+    assert iou(box, truth) >= 0.5, answer
+    assert "drew 1 box" in err and Image.open(out).size == size
+
+
+def test_chat_without_a_model_reads_the_title_offline(offline):
+    code, answer, err = run_cli(
+        "chat", "--image", str(ROOT / "examples/screen.png"), "What is the title of this screen?"
+    )
+    assert (code, answer.strip()) == (0, "Photos"), err
+
+
+@pytest.mark.slow
+def test_the_demo_model_clears_the_targets_on_a_fresh_held_out_sample(tmp_path):
+    write_eval(tmp_path, n_per_task=25, seed=31337)
+    model, processor = load(DEMO_MODEL)
+    examples = [e for task in TASKS for e in load_examples(tmp_path / f"{task}.jsonl")]
+    scores = evaluate(model, processor, examples, max_tokens=32).scores()
+    reached = {task: scores[task].accuracy for task in TASKS}
+    assert all(reached[task] >= TARGETS[task] for task in TASKS), reached
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mm1-mlx") is None, reason="needs the installed mm1-mlx command")
+def test_the_demo_recipe_runs_end_to_end(tmp_path):
+    """build.sh from nothing: data, tokenizer, init, pre-training, SFT, eval; a few dozen steps."""
+    settings = ("train.steps=24", "optimizer.warmup_steps=4", "data.batch_size=2",
+                "checkpoint.every=12")  # fmt: skip
+    short = [f"--set={setting}" for setting in settings]
+    build = ROOT / "train/recipes/demo/build.sh"
+    work = tmp_path / "work"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        ["bash", str(build), str(work), "40", "1", *short],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("pretrain", "sft"):
+        losses = [json.loads(line)["loss"] for line in open(work / stage / "metrics.jsonl")]
+        assert losses[-1] < losses[0], (stage, losses)
+    report = json.loads((work / "eval.json").read_text())
+    assert set(report["tasks"]) == set(TASKS)
