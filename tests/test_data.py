@@ -378,6 +378,9 @@ def test_bad_examples_are_skipped_counted_and_summed_up(processor, tmp_path):
         summary.startswith("skipped 7 examples: 2 unparsable line (first: ") and "\n" not in summary
     )
     assert f"1 missing image (first: {path}:6: " in summary and "gone.png" in summary
+    for _ in range(3):  # more epochs meet the same bad lines: they are not counted again
+        dataloader.next_batch()
+    assert dataloader.skipped == {reason: reasons.count(reason) for reason in reasons}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

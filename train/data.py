@@ -413,7 +413,8 @@ class DataLoader:
             try:
                 example = self.lay_out(position, raw)
             except Skip as skip:
-                self.skip(self.origin(position), skip)
+                if reader.epoch == 0:  # later epochs meet the same bad lines again
+                    self.skip(self.origin(position), skip)
                 continue
             reader.used_in_epoch += 1
             return example
