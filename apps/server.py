@@ -469,7 +469,8 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:
     """`mm1-mlx app`: load the model, then serve the page and the API until Ctrl+C."""
     from mm1_mlx.loading import load, model_or_default
 
-    loaded, processor = load(model_or_default(model))
+    model = str(model_or_default(model))
+    loaded, processor = load(model)
     local = is_loopback(host)
     hosts = [*LOOPBACK_HOSTS, host] if local else None
     app = create_app(loaded, processor, model, read_paths=local, allowed_hosts=hosts)

@@ -435,6 +435,13 @@ def test_app_command_serves_the_model_and_ctrl_c_ends_its_generations(
     assert served.generator.closing.is_set() and uvicorn_server.should_exit
 
 
-def test_app_command_needs_a_model():
-    code, _, err = run_cli("app")
-    assert code == 1 and "--model" in err
+def test_app_command_serves_the_demo_model_without_one(monkeypatch):
+    import uvicorn
+
+    from mm1_mlx.loading import DEMO_MODEL
+
+    servers = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: servers.append(self))  # no serving
+    code, _, err = run_cli("app", "--port", "8124")
+    assert code == 0, err
+    assert servers[0].config.app.state.served.name == str(DEMO_MODEL)
