@@ -75,14 +75,17 @@ def bad_inputs(tmp_path, tiny_model_dir, screen):
         "not an image": ([*model, "--image", str(text), "hi"], "notes.png"),
         "too many markers": ([*model, "--image", str(screen), "<image> <image> hi"], "marker"),
         "unknown model": (["--model", str(tmp_path / "nomodel"), "hi"], "nomodel"),
-        "no model": (["hi"], "--model"),
+        "bad --annotate name": (
+            [*model, "--image", str(screen), "--annotate", str(tmp_path / "x.gif"), "hi"],
+            "x.gif",
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing image", "empty image", "truncated image", "not an image", "too many markers",
-     "unknown model", "no model"],
+     "unknown model", "bad --annotate name"],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_1(tmp_path, tiny_model_dir, screen, case):
     args, names = bad_inputs(tmp_path, tiny_model_dir, screen)[case]
