@@ -164,9 +164,10 @@ def smooth_number_embeddings(model: MM1Model, tokenizer: Any) -> None:
     space) from sinusoids of their value plus some of their random start, so that with tied
     embeddings near coordinates get near logits from the first step and a box answer that is
     a few units off is learned as almost right. Each token must be one token of its own."""
-    numbers = [str(n) for n in range(1001)]
-    ids = [tokenizer.encode(text, add_special_tokens=False) for text in numbers]
-    spaced = [tokenizer.encode(" " + text, add_special_tokens=False) for text in numbers]
+    from mm1_mlx.train.tokenizer import NUMBERS
+
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in NUMBERS]
+    spaced = [tokenizer.encode(" " + text, add_special_tokens=False) for text in NUMBERS]
     if any(len(t) != 1 for t in ids + spaced):
         raise UserError("--smooth-numbers needs a tokenizer where each of 0..1000 is one token")
     embedding = getattr(model.decoder, "model", model.decoder).embed_tokens
@@ -174,8 +175,8 @@ def smooth_number_embeddings(model: MM1Model, tokenizer: Any) -> None:
     dims = table.shape[1]
     # Periods from 2000 down to ~4 coordinate units, a sine and a cosine each.
     frequencies = np.geomspace(1 / 2000, 1 / 4, dims // 2)
-    angles = 2 * np.pi * np.arange(1001)[:, None] * frequencies[None, :]
-    waves = np.zeros((1001, dims), np.float32)
+    angles = 2 * np.pi * np.arange(len(NUMBERS))[:, None] * frequencies[None, :]
+    waves = np.zeros((len(NUMBERS), dims), np.float32)
     waves[:, : dims // 2], waves[:, dims // 2 : 2 * (dims // 2)] = np.sin(angles), np.cos(angles)
     waves *= table.std() * np.sqrt(2)  # the random rows' size (a sinusoid's RMS is 1/sqrt 2)
     for rows in (np.array(ids)[:, 0], np.array(spaced)[:, 0]):

@@ -369,12 +369,11 @@ class DataLoader:
         if self.loss_weighting == "token":
             return [float(trained) for trained in example.trained]
         if self.loss_weighting == "example":
-            runs = [len(example.trained)]
+            spans = [example.trained]
         else:
-            runs = [len(list(run)) for _, run in itertools.groupby(example.trained)]
+            spans = [list(run) for _, run in itertools.groupby(example.trained)]
         weights = []
-        for run in runs:
-            span = example.trained[len(weights) : len(weights) + run]
+        for span in spans:
             share = 1.0 / max(sum(span), 1)
             weights += [share if trained else 0.0 for trained in span]
         return weights
