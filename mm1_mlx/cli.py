@@ -318,6 +318,29 @@ def data_tokenizer(
     typer.echo(f"wrote {out}: {len(tokenizer)} tokens")
 
 
+@data_app.command("dense-pretrain")
+def data_dense_pretrain(
+    model: Annotated[str, typer.Argument(help="Model folder to start from (mm1-mlx init).")],
+    scenes: Annotated[list[Path], typer.Option(help="scenes.jsonl of `data synth` (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Output model folder.")],
+    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 400,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(min=0, help="Peak learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Pre-train the image encoder and connector on the synthetic world's per-token labels
+    (what lies under each image token, and its box) before any language training."""
+    from mm1_mlx.train.dense import DenseSettings, dense_pretrain
+
+    def report(step: int, values: dict) -> None:
+        typer.echo(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    settings = DenseSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    dense_pretrain(model, scenes, out, settings, force, report)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("eval")
 def eval_(
     data: Annotated[list[Path], typer.Option(help="Eval JSONL (repeatable).")],

@@ -539,6 +539,40 @@ def scene_record(name: str, scene: Scene) -> dict[str, Any]:
     return {"image": name, "type": type(scene).__name__, **asdict(scene)}
 
 
+def scene_from_record(record: dict[str, Any]) -> Scene:
+    """The scene a line of scenes.jsonl describes (`scene_record` in reverse)."""
+    if record.get("type") == "ShapeScene":
+        return ShapeScene(
+            tuple(Shape(s["kind"], s["color"], tuple(s["box"])) for s in record["shapes"])
+        )
+    if record.get("type") == "ScreenScene":
+        buttons = (Button(b["label"], b["style"], tuple(b["box"])) for b in record["buttons"])
+        return ScreenScene(record["title"], tuple(buttons))
+    raise UserError(f"not a scene record: type {record.get('type')!r}")
+
+
+def inside(x: float, y: float, box: Box) -> bool:
+    return box[0] <= x < box[2] and box[1] <= y < box[3]
+
+
+def thing_at(scene: Scene, x: float, y: float) -> tuple[str, Box] | None:
+    """What lies at pixel (x, y), as (name, box): "red circle", "title Settings", "button Send";
+    None on the background. Used as per-patch labels by dense pre-training (train/dense.py)."""
+    if isinstance(scene, ShapeScene):
+        things = [(f"{shape.color} {shape.kind}", shape.box) for shape in scene.shapes]
+    else:
+        things = [(f"title {scene.title}", TITLE_BAR)]
+        things += [(f"button {button.label}", button.box) for button in scene.buttons]
+    return next(((name, box) for name, box in things if inside(x, y, box)), None)
+
+
+THING_NAMES = (
+    *(f"{color} {kind}" for color in COLORS for kind in KINDS),
+    *(f"title {title}" for title in TITLES),
+    *(f"button {label}" for label in LABELS),
+)
+
+
 # -- writing --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,242 @@
+"""Dense pre-training of the image encoder and connector on the synthetic world.
+
+MM1 starts from a CLIP image encoder; the demo model's ViT starts from random weights, and
+learning it only through the decoder's answers stalled (train/recipes/demo/README.md). This
+stage gives every image token a target of its own before any language training: what lies
+under the centre of the token's cell (one of `synth.THING_NAMES`, or nothing) and, under a
+thing, that thing's box in the whole image's 0..1 coordinates, the numbers a grounded answer
+writes in 0..1000. Two linear heads on the connector's output read the targets; only the
+encoder and the connector are kept.
+
+The tiles come from the model's own processor (MM1.5 splitting included), so each token's cell
+maps back to the image: tile pixel -> canvas -> image pixel (`cell_centres`).
+"""
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from mm1_mlx import splitting
+from mm1_mlx.errors import UserError
+from mm1_mlx.loading import load, resolve_path, save_model
+from mm1_mlx.model import MM1Model
+from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
+from mm1_mlx.train import synth
+from mm1_mlx.train.optim import clip_grad_norm, make_schedule
+
+CLASSES = ("nothing", *synth.THING_NAMES)
+
+
+@dataclass
+class DenseSettings:
+    steps: int = 400
+    batch_size: int = 16  # images; a screen is three tiles, a shape scene one
+    lr: float = 1e-3
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    box_weight: float = 5.0  # L1 on 0..1 coordinates is ~10x smaller than the class loss
+    held_out: int = 200  # the last scenes of the last file: validation, never trained on
+    log_every: int = 25
+    seed: int = 0
+
+
+@dataclass
+class SceneImage:
+    path: Path
+    scene: synth.Scene
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+
+def fitted_to_image(points: np.ndarray, size: tuple[int, int], canvas: tuple[int, int]):
+    """Canvas pixels -> image pixels, for an image fitted into `canvas` (aspect ratio kept,
+    centred), as `processor.place_in_canvas` draws it."""
+    inner = np.array(splitting.fit_size(size, canvas))
+    offset = (np.array(canvas) - inner) // 2
+    return (points - offset) * np.array(size) / inner
+
+
+def cell_centres(
+    size: tuple[int, int], grid: splitting.Grid, tile: int, side: int, resize_mode: str
+) -> np.ndarray:
+    """[tiles, side * side, 2]: the image pixel (x, y) under the centre of each token's cell,
+    tiles in the processor's order (the grid's row-major, then the overview), tokens row-major."""
+    offsets = (np.arange(side) + 0.5) * tile / side
+    ys, xs = np.meshgrid(offsets, offsets, indexing="ij")
+    cells = np.stack([xs.ravel(), ys.ravel()], axis=-1)
+    if resize_mode == "squash":
+        whole = cells * np.array(size) / tile
+    else:
+        whole = fitted_to_image(cells, size, (tile, tile))
+    if grid == WHOLE_IMAGE:
+        return whole[None]
+    canvas = splitting.canvas_size(grid, tile)
+    tiles = [
+        fitted_to_image(cells + np.array(box[:2]), size, canvas)
+        for box in splitting.tile_boxes(grid, tile)
+    ]
+    return np.stack([*tiles, whole])
+
+
+def cell_targets(scene: synth.Scene, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids [...] (0: nothing) and boxes [..., 4] (0..1 of the image; zeros for nothing)
+    for points [..., 2] of the scene."""
+    flat = centres.reshape(-1, 2)
+    classes = np.zeros(len(flat), np.int32)
+    boxes = np.zeros((len(flat), 4), np.float32)
+    width, height = scene.size
+    for k, (x, y) in enumerate(flat):
+        thing = synth.thing_at(scene, x, y)
+        if thing is not None:
+            classes[k] = CLASSES.index(thing[0])
+            boxes[k] = np.array(thing[1]) / (width, height, width, height)
+    return classes.reshape(centres.shape[:-1]), boxes.reshape(*centres.shape[:-1], 4)
+
+
+def read_scenes(paths: list[Path]) -> list[SceneImage]:
+    """Every scene of scenes.jsonl files (`mm1-mlx data synth` writes one per folder)."""
+    scenes = []
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: no such scenes file")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+                scenes.append(
+                    SceneImage(path.parent / record["image"], synth.scene_from_record(record))
+                )
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise UserError(f"{path}:{number}: not a scene record ({error})") from None
+    return scenes
+
+
+class TileBatcher:
+    """Scenes -> (pixels [tiles, H, W, 3], classes [tiles, T], boxes [tiles, T, 4])."""
+
+    def __init__(self, processor: Processor, num_tokens: int):
+        self.processor = processor
+        self.side = int(round(num_tokens**0.5))
+
+    def __call__(self, items: list[SceneImage]) -> tuple[mx.array, mx.array, mx.array]:
+        config = self.processor.config.preprocess_config
+        pixels, classes, boxes = [], [], []
+        for item in items:
+            image = load_image(str(item.path))
+            (grid,) = self.processor.image_grids([image.size])
+            tiles, _ = self.processor.image_tiles(image, grid)
+            centres = cell_centres(
+                image.size, grid, config.image_size, self.side, config.resize_mode
+            )
+            tile_classes, tile_boxes = cell_targets(item.scene, centres)
+            pixels += tiles
+            classes.append(tile_classes)
+            boxes.append(tile_boxes)
+        return (
+            mx.array(np.stack(pixels)),
+            mx.array(np.concatenate(classes)),
+            mx.array(np.concatenate(boxes)),
+        )
+
+
+# -- the model and its loss ---------------------------------------------------------------------
+
+
+class DenseHeads(nn.Module):
+    """The model's encoder and connector (shared, not copied) with two linear heads."""
+
+    def __init__(self, model: MM1Model):
+        super().__init__()
+        self.vision = model.vision
+        self.connector = model.connector
+        width = model.config.connector_config.output_dim
+        self.classes = nn.Linear(width, len(CLASSES))
+        self.boxes = nn.Linear(width, 4)
+
+    def __call__(self, pixels: mx.array) -> tuple[mx.array, mx.array]:
+        tokens = self.connector(self.vision(pixels))
+        return self.classes(tokens), self.boxes(tokens)
+
+
+def dense_loss(
+    net: DenseHeads, pixels: mx.array, classes: mx.array, boxes: mx.array, box_weight: float
+) -> mx.array:
+    logits, predicted = net(pixels)
+    class_loss = nn.losses.cross_entropy(logits, classes).mean()
+    on_thing = (classes > 0).astype(mx.float32)
+    box_error = (mx.abs(predicted - boxes).sum(-1) * on_thing).sum() / mx.maximum(on_thing.sum(), 1)
+    return class_loss + box_weight * box_error
+
+
+def validate(net: DenseHeads, batcher: TileBatcher, items: list[SceneImage]) -> dict[str, float]:
+    """Accuracy over all cells and over cells on a thing; mean box-coordinate error there, in
+    the answers' 0..1000 units."""
+    hits = thing_hits = things = cells = 0
+    error = 0.0
+    for start in range(0, len(items), 32):
+        pixels, classes, boxes = batcher(items[start : start + 32])
+        logits, predicted = net(pixels)
+        right = logits.argmax(-1) == classes
+        on_thing = classes > 0
+        hits += right.sum().item()
+        thing_hits += (right & on_thing).sum().item()
+        things += on_thing.sum().item()
+        cells += classes.size
+        error += (mx.abs(predicted - boxes).mean(-1) * on_thing).sum().item()
+    return {
+        "cell_accuracy": hits / cells,
+        "thing_accuracy": thing_hits / max(things, 1),
+        "box_error": 1000 * error / max(things, 1),
+    }
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+
+def dense_pretrain(
+    model_path: str | Path,
+    scene_files: list[Path],
+    out: Path,
+    settings: DenseSettings,
+    overwrite: bool = False,
+    report: Callable[[int, dict[str, float]], None] = lambda step, values: None,
+) -> dict[str, float]:
+    """Train `model_path`'s encoder and connector on per-token targets; write the whole model
+    to `out` (atomically). Returns the held-out metrics at the end."""
+    scenes = read_scenes(scene_files)
+    if len(scenes) <= settings.held_out:
+        raise UserError(
+            f"{len(scenes)} scenes leave none to train on after {settings.held_out} held out"
+        )
+    train_items, held_out = scenes[: -settings.held_out], scenes[-settings.held_out :]
+    mx.random.seed(settings.seed)
+    rng = random.Random(settings.seed)
+    model, processor = load(model_path)
+    net = DenseHeads(model)  # the decoder is not in it, so it gets no gradients
+    batcher = TileBatcher(processor, model.config.num_image_tokens)
+    schedule = make_schedule(
+        settings.lr, settings.steps, min(settings.warmup_steps, settings.steps)
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=settings.weight_decay)
+    loss_and_grad = nn.value_and_grad(
+        net, lambda net, *batch: dense_loss(net, *batch, settings.box_weight)
+    )
+    for step in range(1, settings.steps + 1):
+        batch = batcher(rng.sample(train_items, min(settings.batch_size, len(train_items))))
+        loss, grads = loss_and_grad(net, *batch)
+        grads, _ = clip_grad_norm(grads, 1.0)
+        optimizer.update(net, grads)
+        mx.eval(loss, net.parameters(), optimizer.state)
+        if step % settings.log_every == 0 or step == settings.steps:
+            report(step, {"loss": loss.item(), "lr": float(schedule(step))})
+    metrics = validate(net, batcher, held_out)
+    report(settings.steps, metrics)
+    save_model(model, out, resolve_path(model_path), overwrite)
+    return metrics
