@@ -81,13 +81,14 @@ def test_the_demo_model_keeps_its_accuracy_on_a_fresh_held_out_sample(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mm1-mlx") is None, reason="needs the installed mm1-mlx command")
 def test_the_demo_recipe_runs_end_to_end(tmp_path):
-    """build.sh from nothing: data, tokenizer, init, pre-training, SFT, eval; a few dozen steps."""
+    """build.sh from nothing: data, tokenizer, init, dense encoder pre-training, pre-training,
+    SFT, eval; a few dozen steps."""
     settings = ("train.steps=24", "optimizer.warmup_steps=4", "data.batch_size=2",
                 "checkpoint.every=12")  # fmt: skip
     short = [f"--set={setting}" for setting in settings]
     build = ROOT / "train/recipes/demo/build.sh"
     work = tmp_path / "work"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DENSE_STEPS": "4"}
     result = subprocess.run(
         ["bash", str(build), str(work), "40", "1", *short],
         capture_output=True,
@@ -96,6 +97,7 @@ def test_the_demo_recipe_runs_end_to_end(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (work / "vision" / "model.safetensors").is_file()
     for stage in ("pretrain", "sft"):
         losses = [json.loads(line)["loss"] for line in open(work / stage / "metrics.jsonl")]
         assert losses[-1] < losses[0], (stage, losses)

@@ -42,8 +42,9 @@ class DenseSettings:
     warmup_steps: int = 40
     weight_decay: float = 0.1
     box_weight: float = 5.0  # L1 on 0..1 coordinates is ~10x smaller than the class loss
-    held_out: int = 200  # the last scenes of the last file: validation, never trained on
+    held_out: int = 200  # the last scenes (a fifth at most): validation, never trained on
     log_every: int = 25
+    validate_every: int = 100
     seed: int = 0
 
 
@@ -113,7 +114,7 @@ def read_scenes(paths: list[Path]) -> list[SceneImage]:
                 scenes.append(
                     SceneImage(path.parent / record["image"], synth.scene_from_record(record))
                 )
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+            except (json.JSONDecodeError, KeyError, TypeError, UserError) as error:
                 raise UserError(f"{path}:{number}: not a scene record ({error})") from None
     return scenes
 
@@ -175,26 +176,35 @@ def dense_loss(
     return class_loss + box_weight * box_error
 
 
+def group(name: str) -> str:
+    """What a class is about: nothing, a shape, a screen's title or a button."""
+    first = name.split()[0]
+    return first if first in ("nothing", "title", "button") else "shape"
+
+
+CLASS_GROUPS = np.array([group(name) for name in CLASSES])
+
+
 def validate(net: DenseHeads, batcher: TileBatcher, items: list[SceneImage]) -> dict[str, float]:
-    """Accuracy over all cells and over cells on a thing; mean box-coordinate error there, in
-    the answers' 0..1000 units."""
-    hits = thing_hits = things = cells = 0
-    error = 0.0
+    """Cell accuracy per group of classes, and the mean box-coordinate error on things, in the
+    answers' 0..1000 units."""
+    predicted, true, errors = [], [], []
     for start in range(0, len(items), 32):
         pixels, classes, boxes = batcher(items[start : start + 32])
-        logits, predicted = net(pixels)
-        right = logits.argmax(-1) == classes
-        on_thing = classes > 0
-        hits += right.sum().item()
-        thing_hits += (right & on_thing).sum().item()
-        things += on_thing.sum().item()
-        cells += classes.size
-        error += (mx.abs(predicted - boxes).mean(-1) * on_thing).sum().item()
-    return {
-        "cell_accuracy": hits / cells,
-        "thing_accuracy": thing_hits / max(things, 1),
-        "box_error": 1000 * error / max(things, 1),
+        logits, predicted_boxes = net(pixels)
+        predicted.append(np.array(logits.argmax(-1)).ravel())
+        true.append(np.array(classes).ravel())
+        errors.append(np.array(mx.abs(predicted_boxes - boxes).mean(-1)).ravel())
+    predicted, true, errors = (np.concatenate(parts) for parts in (predicted, true, errors))
+    groups = CLASS_GROUPS[true]
+    metrics = {
+        f"{name}_accuracy": float((predicted == true)[groups == name].mean())
+        for name in ("nothing", "shape", "title", "button")
+        if (groups == name).any()
     }
+    if (true > 0).any():
+        metrics["box_error"] = float(1000 * errors[true > 0].mean())
+    return metrics
 
 
 # -- the stage ----------------------------------------------------------------------------------
@@ -211,11 +221,10 @@ def dense_pretrain(
     """Train `model_path`'s encoder and connector on per-token targets; write the whole model
     to `out` (atomically). Returns the held-out metrics at the end."""
     scenes = read_scenes(scene_files)
-    if len(scenes) <= settings.held_out:
-        raise UserError(
-            f"{len(scenes)} scenes leave none to train on after {settings.held_out} held out"
-        )
-    train_items, held_out = scenes[: -settings.held_out], scenes[-settings.held_out :]
+    num_held_out = min(settings.held_out, len(scenes) // 5)
+    if num_held_out < 1:
+        raise UserError(f"{len(scenes)} scenes are too few to hold some out (5 at least)")
+    train_items, held_out = scenes[:-num_held_out], scenes[-num_held_out:]
     mx.random.seed(settings.seed)
     rng = random.Random(settings.seed)
     model, processor = load(model_path)
@@ -236,7 +245,8 @@ def dense_pretrain(
         mx.eval(loss, net.parameters(), optimizer.state)
         if step % settings.log_every == 0 or step == settings.steps:
             report(step, {"loss": loss.item(), "lr": float(schedule(step))})
-    metrics = validate(net, batcher, held_out)
-    report(settings.steps, metrics)
+        if step % settings.validate_every == 0 or step == settings.steps:
+            metrics = validate(net, batcher, held_out)
+            report(step, metrics)
     save_model(model, out, resolve_path(model_path), overwrite)
     return metrics

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the demo model from nothing with mm1-mlx's own pipeline:
-#   bash train/recipes/demo/build.sh [WORK_DIR] [IMAGES_PER_HALF] [EVAL_PER_TASK] [TRAIN_ARGS...]
-# TRAIN_ARGS go to both `mm1-mlx train` calls (the tests shorten the run with --set).
+#   [DENSE_STEPS=N] bash train/recipes/demo/build.sh [WORK_DIR] [IMAGES_PER_HALF] [EVAL_PER_TASK] [TRAIN_ARGS...]
+# TRAIN_ARGS go to both `mm1-mlx train` calls (the tests shorten the run with --set and
+# DENSE_STEPS).
 # Every stage can be interrupted and continued: re-running this script (or
 # `mm1-mlx train ... --resume`) continues exactly where the last checkpoint left off.
 set -euo pipefail
@@ -10,6 +11,7 @@ work="${1:-demo-work}"
 n="${2:-12000}"
 eval_per_task="${3:-50}"
 train_args=("${@:4}")
+dense_steps="${DENSE_STEPS:-800}"
 mkdir -p "$work"
 cp "$here/config.json" "$here/pretrain.toml" "$here/sft.toml" "$work/"
 cd "$work"
@@ -20,6 +22,10 @@ wait
 [ -d tokenizer ] || mm1-mlx data tokenizer data-a/captions.jsonl data-a/interleaved.jsonl \
     data-a/text.jsonl data-a/chat.jsonl --out tokenizer
 [ -d base ] || mm1-mlx init config.json --tokenizer tokenizer --out base --smooth-numbers
+# The image encoder first (as MM1 starts from a CLIP encoder): every image token learns what
+# lies under it. Short and not resumable: an interrupted run starts over.
+[ -d vision ] || mm1-mlx data dense-pretrain base --scenes data-a/scenes.jsonl \
+    --scenes data-b/scenes.jsonl --out vision --steps "$dense_steps" --batch-size 32
 mm1-mlx train pretrain.toml --resume "${train_args[@]}"
 mm1-mlx train sft.toml --resume "${train_args[@]}"
 mm1-mlx eval --model sft $(printf -- "--data %s " data-a/eval/*.jsonl) --json eval.json

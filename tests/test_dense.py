@@ -1,0 +1,145 @@
+"""Dense pre-training: each image token's target is what the processor's tile shows there."""
+
+import json
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import run_cli
+from mlx.utils import tree_flatten
+
+from mm1_mlx.loading import DEMO_MODEL, load
+from mm1_mlx.processor import WHOLE_IMAGE
+from mm1_mlx.train import synth
+from mm1_mlx.train.dense import (
+    CLASSES,
+    DenseSettings,
+    SceneImage,
+    TileBatcher,
+    cell_centres,
+    cell_targets,
+    dense_pretrain,
+)
+
+
+def test_cell_centres_of_a_whole_image_and_of_a_split_screen():
+    whole = cell_centres((128, 128), WHOLE_IMAGE, 128, 8, "squash")
+    assert whole.shape == (1, 64, 2)
+    assert whole[0, 0].tolist() == [8, 8] and whole[0, 1].tolist() == [24, 8]
+    assert whole[0, 8].tolist() == [8, 24]
+    # A 160x320 screen on a 1-column, 2-row grid: a 128x256 canvas, scale 0.8, no padding.
+    split = cell_centres((160, 320), (2, 1), 128, 8, "squash")
+    assert split.shape == (3, 64, 2)
+    assert split[0, 0].tolist() == [10, 10]
+    assert split[1, 0].tolist() == [10, 170]  # the second tile starts 128 canvas px lower
+    assert split[2, 0].tolist() == [10, 20]  # the overview squashes 160x320 to 128x128
+    # Padding ("pad" mode, or a canvas wider than the image) maps outside the image.
+    padded = cell_centres((64, 128), WHOLE_IMAGE, 128, 8, "pad")
+    assert padded[0, 0, 0] < 0
+
+
+def test_cell_targets_name_the_thing_and_its_box():
+    circle = synth.Shape("circle", "red", (10, 20, 40, 50))
+    scene = synth.ShapeScene((circle,))
+    classes, boxes = cell_targets(scene, np.array([[[25.0, 35.0], [100.0, 100.0]]]))
+    assert [CLASSES[c] for c in classes[0]] == ["red circle", "nothing"]
+    assert np.allclose(boxes[0, 0], np.array([10, 20, 40, 50]) / 128)
+    assert (boxes[0, 1] == 0).all()
+    screen = synth.ScreenScene("Notes", (synth.Button("Send", "blue", (20, 60, 100, 90)),))
+    classes, _ = cell_targets(screen, np.array([[5.0, 5.0], [50.0, 70.0], [50.0, 200.0]]))
+    assert [CLASSES[c] for c in classes] == ["title Notes", "button Send", "nothing"]
+
+
+def denormalized(tile: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((tile * 0.5 + 0.5) * 255), 0, 255)
+
+
+@pytest.mark.parametrize("sampler", [synth.sample_shape_scene, synth.sample_screen_scene])
+def test_the_targets_match_the_pixels_the_model_sees(tmp_path, sampler):
+    """Render scenes, make the demo model's own tiles, and look at each cell's centre pixel: a
+    cell labelled with a square (filled to its edges) shows that colour, a title cell the bar's
+    grey or its black text, a cell labelled nothing on a screen white. A wrong tile order,
+    offset or scale breaks this for many cells."""
+    _, processor = load(DEMO_MODEL)
+    batcher = TileBatcher(processor, 64)
+    rng = random.Random(3)
+    checked = agreeing = 0
+    for k in range(12):
+        scene = sampler(rng)
+        path = tmp_path / f"{k}.png"
+        synth.render(scene).save(path)
+        pixels, classes, _ = batcher([SceneImage(path, scene)])
+        pixels, classes = np.array(pixels), np.array(classes)
+        for tile, tile_classes in zip(pixels, classes, strict=True):
+            for cell, class_id in enumerate(tile_classes):
+                expected = expected_colours(CLASSES[class_id])
+                if expected is None:
+                    continue
+                row, column = divmod(cell, 8)
+                pixel = denormalized(tile[16 * row + 8, 16 * column + 8])
+                checked += 1
+                agreeing += any(np.abs(pixel - c).max() <= 40 for c in expected)
+    assert checked > 40
+    assert agreeing / checked > 0.9
+
+
+def expected_colours(name: str) -> list | None:
+    """The colours a cell centre can show, or None where text or a shape's edge may lie."""
+    if name.endswith("square"):
+        return [synth.COLORS[name.split()[0]]]
+    if name.startswith("title"):
+        return [synth.TITLE_BAR_FILL, synth.BLACK]
+    if name == "nothing":
+        return [synth.WHITE]
+    return None
+
+
+def write_scenes(folder, count: int) -> None:
+    rng = random.Random(0)
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for k in range(count):
+        scene = (synth.sample_shape_scene if k % 2 else synth.sample_screen_scene)(rng)
+        name = f"images/{k}.png"
+        synth.render(scene).save(folder / name)
+        records.append(synth.scene_record(name, scene))
+    (folder / "scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_dense_pretrain_trains_the_encoder_and_keeps_the_decoder(tmp_path):
+    write_scenes(tmp_path / "data", 12)
+    settings = DenseSettings(steps=3, batch_size=4, held_out=4, log_every=1)
+    reports = []
+    metrics = dense_pretrain(
+        DEMO_MODEL,
+        [tmp_path / "data" / "scenes.jsonl"],
+        tmp_path / "out",
+        settings,
+        report=lambda step, values: reports.append((step, values)),
+    )
+    assert [step for step, _ in reports] == [1, 2, 3, 3]
+    assert {"nothing_accuracy", "shape_accuracy", "box_error"} <= set(metrics)
+    assert reports[-1] == (3, metrics)
+    before, _ = load(DEMO_MODEL)
+    after, _ = load(tmp_path / "out")
+    old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
+    changed = {name for name in old if not mx.array_equal(old[name], new[name]).item()}
+    assert any(name.startswith("vision.") for name in changed)
+    assert any(name.startswith("connector.") for name in changed)
+    assert not any(name.startswith("decoder.") for name in changed)
+
+
+def test_dense_pretrain_cli_reports_bad_input_in_one_line(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    code, _, err = run_cli(
+        "data", "dense-pretrain", str(DEMO_MODEL), "--scenes", str(missing), "--out", "x"
+    )
+    assert code == 1 and err.strip() == f"error: {missing}: no such scenes file"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "type": "Cube"}\n')
+    code, _, err = run_cli(
+        "data", "dense-pretrain", str(DEMO_MODEL), "--scenes", str(bad), "--out", "x"
+    )
+    assert code == 1 and "bad.jsonl:1: not a scene record" in err
+    assert len(err.strip().splitlines()) == 1
