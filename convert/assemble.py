@@ -170,7 +170,7 @@ def smooth_number_embeddings(model: MM1Model, tokenizer: Any) -> None:
     spaced = [tokenizer.encode(" " + text, add_special_tokens=False) for text in NUMBERS]
     if any(len(t) != 1 for t in ids + spaced):
         raise UserError("--smooth-numbers needs a tokenizer where each of 0..1000 is one token")
-    embedding = getattr(model.decoder, "model", model.decoder).embed_tokens
+    embedding = model.token_embedding
     table = np.array(embedding.weight)
     dims = table.shape[1]
     # Periods from 2000 down to ~4 coordinate units, a sine and a cosine each.

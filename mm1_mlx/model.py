@@ -30,11 +30,16 @@ class MM1Model(nn.Module):
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
-    def embed_tokens(self, input_ids: mx.array) -> mx.array:
+    @property
+    def token_embedding(self) -> nn.Module:
+        """The decoder's input embedding (mlx-lm models keep it at `model.embed_tokens`)."""
         inner = getattr(self.decoder, "model", self.decoder)
         if not hasattr(inner, "embed_tokens"):
             raise UserError(f"decoder {type(self.decoder).__module__} has no embed_tokens")
-        return inner.embed_tokens(input_ids)
+        return inner.embed_tokens
+
+    def embed_tokens(self, input_ids: mx.array) -> mx.array:
+        return self.token_embedding(input_ids)
 
     def encode_images(self, pixels: mx.array) -> mx.array:
         """[num_images, H, W, 3] normalized pixels -> [num_images, T, text hidden]."""

@@ -15,17 +15,17 @@ from transformers import PreTrainedTokenizerFast
 from mm1_mlx.errors import UserError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+# How the chat template starts each turn: trained on, so a turn's prefix costs two or three tokens.
+TURN_PREFIXES = {"user": "User: ", "assistant": "Assistant: "}
 # User/Assistant turns; each assistant turn ends with </s>, which generation stops at.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
-    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}</s>\n"
+    "{% if m['role'] == 'user' %}" + TURN_PREFIXES["user"] + "{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}" + TURN_PREFIXES["assistant"] + "{{ m['content'] }}</s>\n"
     "{% else %}{{ m['content'] }}\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{% if add_generation_prompt %}" + TURN_PREFIXES["assistant"].rstrip() + "{% endif %}"
 )
-# How CHAT_TEMPLATE starts each turn: trained on, so a turn's prefix costs two or three tokens.
-TURN_PREFIXES = {"user": "User: ", "assistant": "Assistant: "}
 NUMBERS = [str(n) for n in range(1001)]
 
 
