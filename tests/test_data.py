@@ -210,6 +210,11 @@ def test_packing_puts_eos_between_examples_and_carries_the_next_over(processor, 
     assert rows[0] == ids[0] + ids[1] + [eos, eos]  # padded with EOS (no pad token)
     assert rows[1] == ids[2] + [eos] * (seq_len + 1 - lengths[2])  # the first does not fit
     assert not batch.weights[0, -2:].any() and not batch.weights[1, lengths[2] :].any()
+    # The mask of real tokens (router losses leave the rest out): row 0 has 2 pad tokens, of
+    # which the first is an input position; row 1 is padding after its example.
+    assert batch.lengths.tolist() == [seq_len - 1, lengths[2]]
+    assert batch.token_mask[0].tolist() == [True] * (seq_len - 1) + [False]
+    assert batch.token_mask[1].sum() == lengths[2] and batch.token_mask[1, : lengths[2]].all()
     following = dataloader.next_batch().input_ids[0].tolist()  # carried over to the next batch
     assert following[: lengths[0]] == ids[0]
 

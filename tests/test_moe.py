@@ -70,8 +70,10 @@ TOKENS = mx.array([[1, 5, 9, 2, 7, 7, 3, 11, 40, 8], [4, 4, 6, 1, 0, 13, 21, 2, 
 def numpy_losses(router_logits) -> tuple[float, float]:
     """(load balance, z-loss) from collected logits, the long way."""
     balance, z = [], []
-    for logits, top_k in router_logits:
+    for logits, top_k, token_mask in router_logits:
         logits = np.array(logits, dtype=np.float64).reshape(-1, NUM_EXPERTS)
+        if token_mask is not None:
+            logits = logits[np.array(token_mask).reshape(-1) > 0]
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         chosen = np.argsort(-logits, axis=-1)[:, :top_k]
@@ -95,7 +97,8 @@ def test_one_set_of_logits_per_moe_layer_and_the_model_unchanged(arch):
     assert [path for path, _ in tree_flatten(decoder.parameters())] == paths
     assert len(router_losses.router_logits) == num_moe_layers
     assert type(dict(decoder.named_modules())[router_path]) is nn.Linear  # put back
-    for logits, top_k in router_losses.router_logits:
+    for logits, top_k, token_mask in router_losses.router_logits:
+        assert token_mask is None
         assert logits.shape == (*TOKENS.shape, NUM_EXPERTS) and top_k == TOP_K
 
 
@@ -110,6 +113,22 @@ def test_losses_match_numpy_and_use_mm1s_weights(arch):
     assert router_losses.z_loss().item() == pytest.approx(z, rel=1e-5)
     assert router_losses.loss().item() == pytest.approx(0.01 * balance + 0.001 * z, rel=1e-5)
     assert balance >= 1.0 - 1e-6  # 1 is perfectly balanced routing
+
+
+@pytest.mark.parametrize("arch", MOE_DECODERS)
+def test_padding_counts_in_neither_loss(arch):
+    decoder = MOE_DECODERS[arch][0]()
+    mask = mx.array([[1] * 10, [1] * 6 + [0] * 4])
+    router_losses = RouterLosses(decoder)
+    with router_losses.masking(mask):
+        decoder(TOKENS)
+    assert router_losses.token_mask is None  # only for that forward pass
+    balance, z = numpy_losses(router_losses.router_logits)
+    assert router_losses.load_balance_loss().item() == pytest.approx(balance, rel=1e-5)
+    assert router_losses.z_loss().item() == pytest.approx(z, rel=1e-5)
+    with router_losses:
+        decoder(TOKENS)
+    assert router_losses.z_loss().item() != pytest.approx(z, rel=1e-3)  # padding did count
 
 
 def test_routers_with_lora_are_found():

@@ -53,6 +53,12 @@ class Batch:
     targets: np.ndarray  # int32 [rows, seq_len]: the next token of each position
     weights: np.ndarray  # float32 [rows, seq_len]: loss weight of each target, 0 for none
     pixels: np.ndarray | None  # float32 [tiles, S, S, 3], in the order of the image tokens
+    lengths: np.ndarray  # int32 [rows]: the positions of each row before its padding
+
+    @property
+    def token_mask(self) -> np.ndarray:
+        """bool [rows, seq_len]: True on real tokens, False on padding."""
+        return np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]
 
     @property
     def num_loss_tokens(self) -> int:
@@ -333,6 +339,7 @@ class DataLoader:
         per_rank = self.batch_size // self.world_size
         mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
         tiles = [tile for row in mine for tile in self.row_tiles(row)]  # zeroes corrupt examples
+        lengths = np.array([min(len(row.tokens), self.seq_len) for row in mine], np.int32)
         for row in mine:  # pad to seq_len + 1
             padding = self.seq_len + 1 - len(row.tokens)
             row.tokens += [self.pad_id] * padding
@@ -343,6 +350,7 @@ class DataLoader:
             targets=tokens[:, 1:],
             weights=np.array([row.weights[1:] for row in mine], np.float32),
             pixels=np.stack(tiles) if tiles else None,
+            lengths=lengths,
         )
 
     def pack_row(self) -> Row:

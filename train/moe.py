@@ -4,8 +4,9 @@ Load balance (Switch Transformer / Mixtral): E * sum_i f_i * P_i, with f_i the f
 top-k routing choices that go to expert i and P_i the mean router probability of expert i (the
 softmax of the router logits over all experts); 1 when routing is uniform. Hugging Face's Mixtral
 counts f_i per top-k slot, which gives k times this. Router z-loss (ST-MoE): the mean over tokens
-of logsumexp(router logits)^2. Both are averaged over the MoE layers (and over every forward
-pass run while collecting) and weighted 0.01 and 0.001, as MM1 does.
+of logsumexp(router logits)^2. Both leave out padding tokens (`RouterLosses.masking`), are
+averaged over the MoE layers (and over every forward pass run while collecting) and weighted 0.01
+and 0.001, as MM1 does.
 
 A router is found as mlx-lm's MoE blocks hold it: a block with a `switch_mlp` (its experts), a
 Linear `gate` or `router` (quantized or with LoRA) that gives the logits, and `top_k` or
@@ -65,6 +66,14 @@ def find_routers(model: nn.Module) -> list[MoERouter]:
     return routers
 
 
+class RouterCall(NamedTuple):
+    """One MoE layer's router logits [..., num_experts] from one forward pass."""
+
+    logits: mx.array
+    top_k: int
+    token_mask: mx.array | None  # 1 on real tokens, 0 on padding; None: all tokens count
+
+
 class RouterLosses:
     """Collects the router logits of a decoder's MoE layers and turns them into MM1's auxiliary
     loss. Run the forward pass inside `with router_losses:` and take `loss()` inside the function
@@ -77,6 +86,9 @@ class RouterLosses:
                 logits = model(batch.input_ids, batch.pixels)
             return cross_entropy(logits, batch) + router_losses.loss()
 
+    `with router_losses.masking(mask):` instead leaves out padding: `mask` is 1 on real tokens
+    and 0 on padding, shaped like the input ids.
+
     It holds the routers it finds: create it after quantizing the model or adding LoRA layers.
     For a dense decoder it does nothing and its loss is 0.
     """
@@ -88,8 +100,13 @@ class RouterLosses:
         self.num_moe_layers = len(self.routers)
         self.load_balance_coef = load_balance_coef
         self.z_loss_coef = z_loss_coef
-        # (logits [..., num_experts], top_k) per MoE layer per forward pass, in call order
-        self.router_logits: list[tuple[mx.array, int]] = []
+        self.router_logits: list[RouterCall] = []  # per MoE layer per forward pass, in call order
+        self.token_mask: mx.array | None = None
+
+    def masking(self, token_mask: mx.array | None) -> "RouterLosses":
+        """For `with router_losses.masking(mask):` (class docstring)."""
+        self.token_mask = token_mask
+        return self
 
     def __enter__(self) -> "RouterLosses":
         # The routers' class is swapped, not the routers wrapped: parameter paths stay the same,
@@ -104,15 +121,17 @@ class RouterLosses:
         for module, router_class, _ in self.routers:
             module.__class__ = router_class
             del module.record_logits
+        self.token_mask = None
 
     def recorder(self, top_k: int):
-        return lambda logits: self.router_logits.append((logits, top_k))
+        mask = self.token_mask
+        return lambda logits: self.router_logits.append(RouterCall(logits, top_k, mask))
 
     def load_balance_loss(self) -> mx.array:
         return self.mean_over_layers(load_balance)
 
     def z_loss(self) -> mx.array:
-        return self.mean_over_layers(lambda logits, _: z_loss(logits))
+        return self.mean_over_layers(lambda logits, _, mask: z_loss(logits, mask))
 
     def loss(self) -> mx.array:
         """The weighted sum of both losses, a scalar (0 for a dense decoder)."""
@@ -123,21 +142,36 @@ class RouterLosses:
             if self.routers:
                 raise RuntimeError("no forward pass ran inside `with router_losses:`")
             return mx.array(0.0)
-        losses = [loss_fn(logits, top_k) for logits, top_k in self.router_logits]
+        losses = [loss_fn(*call) for call in self.router_logits]
         return mx.stack(losses).mean()
 
 
-def load_balance(logits: mx.array, top_k: int) -> mx.array:
-    """E * sum_i f_i P_i for one layer's router logits [..., E]."""
+def token_weights(logits: mx.array, token_mask: mx.array | None) -> mx.array:
+    """[tokens] float weights, 1 for each token that counts, for router logits [..., E]."""
+    tokens = logits.size // logits.shape[-1]
+    if token_mask is None:
+        return mx.ones((tokens,))
+    if token_mask.size != tokens:
+        raise ValueError(f"router logits for {tokens} tokens but a mask for {token_mask.size}")
+    return token_mask.reshape(-1).astype(mx.float32)
+
+
+def load_balance(logits: mx.array, top_k: int, token_mask: mx.array | None = None) -> mx.array:
+    """E * sum_i f_i P_i for one layer's router logits [..., E], over the unmasked tokens."""
     num_experts = logits.shape[-1]
+    weights = token_weights(logits, token_mask)
+    count = mx.maximum(weights.sum(), 1)
     logits = logits.reshape(-1, num_experts).astype(mx.float32)
-    mean_probs = mx.softmax(logits, axis=-1, precise=True).mean(axis=0)
+    probs = mx.softmax(logits, axis=-1, precise=True)
+    mean_probs = (probs * weights[:, None]).sum(axis=0) / count
     chosen = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[:, :top_k].reshape(-1)
-    counts = mx.zeros((num_experts,)).at[chosen].add(1.0)
-    fractions = mx.stop_gradient(counts / chosen.size)
+    counts = mx.zeros((num_experts,)).at[chosen].add(mx.repeat(weights, top_k))
+    fractions = mx.stop_gradient(counts / (count * top_k))
     return num_experts * (fractions * mean_probs).sum()
 
 
-def z_loss(logits: mx.array) -> mx.array:
-    """Mean over tokens of logsumexp(logits)^2 for one layer's router logits [..., E]."""
-    return mx.square(mx.logsumexp(logits.astype(mx.float32), axis=-1)).mean()
+def z_loss(logits: mx.array, token_mask: mx.array | None = None) -> mx.array:
+    """Mean over the unmasked tokens of logsumexp(logits)^2, for router logits [..., E]."""
+    weights = token_weights(logits, token_mask)
+    squares = mx.square(mx.logsumexp(logits.astype(mx.float32), axis=-1)).reshape(-1)
+    return (squares * weights).sum() / mx.maximum(weights.sum(), 1)

@@ -109,7 +109,7 @@ def make_train_step(model: MM1Model, optimizer, recipe: Recipe, group):
     settings = recipe.train
 
     def objective(model, batch: Batch, total_weight: float, share: float):
-        with router:
+        with router.masking(mx.array(batch.token_mask)):
             training, cross_entropy = loss_sums(model, batch, settings.z_loss)
             auxiliary = router.loss()
         # `share` spreads the (already averaged) router loss over micro-batches and ranks.
