@@ -419,6 +419,15 @@ def test_an_image_corrupt_past_its_header_trains_nothing(processor, tmp_path, st
     assert trained_text(processor, batch) == "red</s>"
     assert batch.pixels[0].any() and not batch.pixels[1].any()
     assert dataloader.skipped == {"corrupt image": 1}
+    for _ in range(3):  # later epochs decode it again, and do not count it again
+        assert not dataloader.next_batch().pixels[1].any()
+    assert dataloader.skipped == {"corrupt image": 1}
+    # Resuming keeps the epoch of an example carried over into the next row.
+    state = json.loads(json.dumps(dataloader.state_dict()))
+    resumed = loader(processor, path, "caption", seq_len=13)
+    resumed.load_state_dict(state)
+    resumed.next_batch()
+    assert resumed.skipped == {"corrupt image": 1}
 
 
 def test_a_file_without_one_usable_example_is_an_error(processor, tmp_path):

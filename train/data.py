@@ -83,6 +83,7 @@ class LinePosition:
     source: int  # index into DataLoader.sources
     offset: int  # byte offset in the file
     number: int  # 1-based line number, for messages
+    epoch: int = 0  # the file's pass it was read in: a bad line is counted in the first only
 
 
 @dataclass
@@ -394,7 +395,7 @@ class DataLoader:
             try:
                 tiles += self.example_tiles(example)
             except UserError as error:
-                self.skip(example.origin, Skip("corrupt image", str(error)))
+                self.skip(example.position, Skip("corrupt image", str(error)))
                 row.weights[start : start + len(example.tokens)] = [0.0] * len(example.tokens)
                 size = self.processor.config.preprocess_config.image_size
                 count = sum(num_tiles(grid) for grid in example.grids)
@@ -416,12 +417,11 @@ class DataLoader:
             index = int(self.rng.choice(len(self.readers), p=self.probabilities))
             reader = self.readers[index]
             offset, number, raw = reader.next_line(self.skipped_summary)
-            position = LinePosition(index, offset, number)
+            position = LinePosition(index, offset, number, reader.epoch)
             try:
                 example = self.lay_out(position, raw)
             except Skip as skip:
-                if reader.epoch == 0:  # later epochs meet the same bad lines again
-                    self.skip(self.origin(position), skip)
+                self.skip(position, skip)
                 continue
             reader.used_in_epoch += 1
             return example
@@ -459,9 +459,12 @@ class DataLoader:
             raise Skip("nothing to train on", "no tokens carry loss")
         return Example(tokens, trained, images, grids, position, self.origin(position))
 
-    def skip(self, origin: str, skip: Skip) -> None:
+    def skip(self, position: LinePosition, skip: Skip) -> None:
+        origin = self.origin(position)
         if self.strict:
             raise UserError(f"{origin}: {skip}")
+        if position.epoch > 0:  # later epochs meet the same bad lines again
+            return
         self.skipped[skip.reason] += 1
         self.first_skips.setdefault(skip.reason, f"{origin}: {skip}")
 
@@ -485,7 +488,7 @@ class DataLoader:
         pending = None
         if self.pending is not None:
             position = self.pending.position
-            pending = [position.source, position.offset, position.number]
+            pending = [position.source, position.offset, position.number, position.epoch]
         return {
             "rng": self.rng.bit_generator.state,
             "sources": [reader.state_dict() for reader in self.readers],
