@@ -8,7 +8,9 @@ as server-sent events. The page uses that same endpoint.
 A request is parsed (JSON, images decoded, prompt laid out) on one thread, so requests reach the
 generator in the order they arrived and bad input is refused before anything is queued. The
 generator runs one request at a time on its own thread, first come first served: one model and
-one KV cache in memory, and MLX work stays off the event loop so streams keep flowing. A request
+one KV cache in memory, and MLX work stays off the event loop so streams keep flowing. A client
+resends the whole conversation every turn: the cache keeps the last prompt and answer, so what
+a request shares with them (tokens and pictures) is not prefilled or encoded again. A request
 whose client goes away is cancelled: skipped while queued, stopped at its next token once running.
 Uploaded images stay in memory (bytes -> PIL images); nothing is written to disk.
 """
@@ -30,7 +32,6 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import uvicorn
-from mlx_lm.models.cache import make_prompt_cache
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -41,7 +42,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mm1_mlx.errors import UserError
-from mm1_mlx.generate import GenerationChunk, GenerationSettings, generate_tokens
+from mm1_mlx.generate import GenerationChunk, GenerationSettings, ImageFeatureCache, PromptCache
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import Processor, PromptInputs
 
@@ -91,7 +92,9 @@ class Generator:
     """Runs every request's generation on one thread, in the order they were submitted."""
 
     def __init__(self, model: MM1Model, processor: Processor):
-        self.model, self.processor = model, processor
+        self.processor = processor
+        self.prompt_cache = PromptCache(model)  # the worker thread alone uses the caches
+        self.image_cache = ImageFeatureCache()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="mm1-generate")
         self.closing = threading.Event()
 
@@ -103,9 +106,8 @@ class Generator:
     def _run(self, job: Job) -> None:
         try:
             if not (job.cancelled.is_set() or self.closing.is_set()):
-                cache = make_prompt_cache(self.model.decoder)
-                for chunk in generate_tokens(
-                    self.model, self.processor, job.inputs, job.settings, cache
+                for chunk in self.prompt_cache.generate(
+                    self.processor, job.inputs, job.settings, self.image_cache
                 ):
                     job.put(chunk)
                     if job.cancelled.is_set() or self.closing.is_set():
@@ -317,6 +319,7 @@ def statistics(last: GenerationChunk | None) -> dict[str, Any]:
         return {}
     prompt = last.prompt_tokens + last.cached_tokens
     usage = {"prompt_tokens": prompt, "completion_tokens": last.generated_tokens}
+    usage["prompt_tokens_details"] = {"cached_tokens": last.cached_tokens}
     timing = {"ttft_s": last.ttft_s, "prefill_tps": last.prefill_tps}
     timing |= {"decode_tps": last.decode_tps, "peak_memory_gb": last.peak_memory_gb}
     return {"usage": usage | {"total_tokens": prompt + last.generated_tokens}, "timing": timing}

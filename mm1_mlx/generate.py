@@ -85,6 +85,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
 def _image_tiles_before(
     input_ids: Sequence[int], position: int, image_token_id: int, per_tile: int
 ):
@@ -221,6 +228,53 @@ def generate(
     )
 
 
+class PromptCache:
+    """A KV cache and the prompt it holds, kept between generations: the next prompt reuses the
+    prefix it shares with it (the same tokens and the same image tiles) and prefills only the
+    rest. The chat session and the app's server keep one each."""
+
+    def __init__(self, model: MM1Model):
+        self.model = model
+        self.cache = make_prompt_cache(model.decoder)
+        self.ids: list[int] = []  # the prompt and every sampled token, as the cache holds them
+        self.tile_keys: list[str] = []
+
+    def generate(
+        self,
+        processor: Processor,
+        inputs: PromptInputs,
+        settings: GenerationSettings,
+        image_cache: ImageFeatureCache | None = None,
+    ) -> Iterator[GenerationChunk]:
+        """`generate_tokens` on this cache. Until the answer is complete the cache holds more
+        than `ids` (a stream closed early); the next call trims it."""
+        reuse = self.reuse(inputs)
+        self.ids, self.tile_keys = self.ids[:reuse], inputs.tile_keys
+        for chunk in generate_tokens(
+            self.model, processor, inputs, settings, self.cache, reuse, image_cache
+        ):
+            yield chunk
+        # EOS and text past a stop string included: the cache holds every sampled token.
+        self.ids = inputs.input_ids + chunk.tokens
+
+    def reuse(self, inputs: PromptInputs) -> int:
+        """Trim the cache to the prefix it shares with `inputs`; returns its length."""
+        ids = inputs.input_ids
+        shared = min(_common_prefix(self.ids, ids), len(ids) - 1)  # leave one token to prefill
+        image_token, per_tile = self.model.image_token_id, self.model.config.num_image_tokens
+        tiles, shared = _image_tiles_before(ids, shared, image_token, per_tile)
+        same_tiles = _common_prefix(self.tile_keys, inputs.tile_keys)
+        if same_tiles < tiles:  # a different picture: the prefix ends before its tokens
+            positions = [i for i, token in enumerate(ids) if token == image_token]
+            shared = positions[same_tiles * per_tile]
+        cached = getattr(self.cache[0], "offset", len(self.ids)) if self.cache else 0
+        if cached > shared and can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, cached - shared)
+        elif cached > shared:
+            self.cache, shared = make_prompt_cache(self.model.decoder), 0
+        return shared
+
+
 @dataclass
 class ChatSession:
     """A multi-turn chat that keeps its KV cache and encoded images between turns."""
@@ -240,8 +294,7 @@ class ChatSession:
         """Forget the conversation (encoded images stay cached)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.images = []
-        self.cache = make_prompt_cache(self.model.decoder)
-        self.cached_ids: list[int] = []
+        self.prompt_cache = PromptCache(self.model)
 
     def ask(self, text: str, images: Sequence[ImageInput] = ()) -> Iterator[GenerationChunk]:
         """Stream the answer to a user turn; `<image>` markers place the images, else they go
@@ -249,34 +302,13 @@ class ChatSession:
         text = with_image_markers(text, len(images), self.processor.config.image_token)
         messages = [*self.messages, {"role": "user", "content": text}]
         inputs = self.processor.apply_chat_template(messages, [*self.images, *images])
-        reuse = self._reuse(inputs.input_ids)
         answer = ""
-        for chunk in generate_tokens(
-            self.model, self.processor, inputs, self.settings, self.cache, reuse, self.image_cache
+        for chunk in self.prompt_cache.generate(
+            self.processor, inputs, self.settings, self.image_cache
         ):
             answer += chunk.text
             yield chunk
         # Committed only once the answer is complete: a stream closed early leaves the chat as
-        # it was (the cache may hold more than cached_ids then; _reuse trims it).
+        # it was.
         self.messages = [*messages, {"role": "assistant", "content": answer}]
         self.images = [*self.images, *images]
-        # The cache holds the prompt and every sampled token (EOS and text past a stop string
-        # included); the next turn reuses what its rendering shares with them.
-        self.cached_ids = inputs.input_ids + chunk.tokens
-
-    def _reuse(self, input_ids: list[int]) -> int:
-        """Trim the cache to the prefix it shares with `input_ids`; returns its length."""
-        shared = 0
-        limit = min(len(self.cached_ids), len(input_ids) - 1)  # leave one token to prefill
-        while shared < limit and self.cached_ids[shared] == input_ids[shared]:
-            shared += 1
-        _, shared = _image_tiles_before(
-            input_ids, shared, self.model.image_token_id, self.model.config.num_image_tokens
-        )
-        cached = getattr(self.cache[0], "offset", len(self.cached_ids)) if self.cache else 0
-        if cached > shared and can_trim_prompt_cache(self.cache):
-            trim_prompt_cache(self.cache, cached - shared)
-        elif cached > shared:
-            self.cache, shared = make_prompt_cache(self.model.decoder), 0
-        self.cached_ids = self.cached_ids[:shared]
-        return shared

@@ -35,10 +35,10 @@ def data_url(png: bytes) -> str:
 def record_generation(monkeypatch, hold: threading.Event | None = None) -> list:
     """Every chunk the app's worker generates from now on (to see when a generation stops).
     With `hold`, the worker waits for it to be set before it starts each generation."""
-    from mm1_mlx.apps import server
+    from mm1_mlx import generate
 
     chunks = []
-    generate_tokens = server.generate_tokens
+    generate_tokens = generate.generate_tokens
 
     def recording(*args, **kwargs):
         if hold is not None:
@@ -47,7 +47,7 @@ def record_generation(monkeypatch, hold: threading.Event | None = None) -> list:
             chunks.append(chunk)
             yield chunk
 
-    monkeypatch.setattr(server, "generate_tokens", recording)
+    monkeypatch.setattr(generate, "generate_tokens", recording)
     return chunks
 
 

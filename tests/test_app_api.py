@@ -26,6 +26,7 @@ from helpers import run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from mm1_mlx import generate as generation  # noqa: E402
 from mm1_mlx.apps import server  # noqa: E402
 from mm1_mlx.generate import generate  # noqa: E402
 
@@ -153,6 +154,28 @@ def test_multi_turn_equals_the_library_answer(client, tiny_model, png):
     )
 
 
+def test_a_resent_conversation_reuses_the_cache_unless_its_picture_changed(client, tiny_model, png):
+    first = image_message(QUESTION, data_url(png))
+    response = ask(client, [first], max_tokens=4).json()
+    first_prompt = response["usage"]["prompt_tokens"]
+    reply = response["choices"][0]["message"]["content"]
+    follow_up = [
+        first,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And?"},
+    ]
+    usage = ask(client, follow_up, max_tokens=4).json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= first_prompt
+    other = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(other, format="PNG")
+    changed = [image_message(QUESTION, data_url(other.getvalue())), *follow_up[1:]]
+    usage = ask(client, changed, max_tokens=4).json()["usage"]
+    model, processor = tiny_model
+    ids = processor.apply_chat_template([library_message(QUESTION, png)]).input_ids
+    before_the_picture = ids.index(model.image_token_id)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == before_the_picture
+
+
 def test_generation_settings_are_honoured(client):
     messages = [{"role": "user", "content": "Describe the screen."}]
     long = ask(client, messages, max_tokens=12).json()
@@ -264,7 +287,7 @@ def record_order(monkeypatch):
     """Records, as ("arrived" | "served", question number), when each request reached the
     generator's queue and when the worker started generating it."""
     events = []
-    submit, generate_tokens = server.Generator.submit, server.generate_tokens
+    submit, generate_tokens = server.Generator.submit, generation.generate_tokens
 
     def question(processor, inputs) -> int:
         return int(re.search(r"Question (\d+)", processor.decode(inputs.input_ids)).group(1))
@@ -278,7 +301,7 @@ def record_order(monkeypatch):
         return generate_tokens(model, processor, inputs, *args, **kwargs)
 
     monkeypatch.setattr(server.Generator, "submit", recording_submit)
-    monkeypatch.setattr(server, "generate_tokens", recording_generate)
+    monkeypatch.setattr(generation, "generate_tokens", recording_generate)
     return events
 
 
