@@ -131,12 +131,19 @@ def load(path_or_repo: str | Path, lazy: bool = False):
     return model, Processor.from_folder(folder, model.config)
 
 
+def check_writable(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output that exists (an empty folder aside) unless it may be replaced: checked
+    again by `atomic_folder`, and first by long jobs, before their work."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists (pass --force to replace it)")
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces `out` only once everything in it was written."""
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists (pass --force to replace it)")
+    check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

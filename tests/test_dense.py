@@ -143,3 +143,14 @@ def test_dense_pretrain_cli_reports_bad_input_in_one_line(tmp_path):
     )
     assert code == 1 and "bad.jsonl:1: not a scene record" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_an_existing_output_is_refused_before_training(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(
+        "data", "dense-pretrain", str(DEMO_MODEL), "--scenes", "nope.jsonl",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 1 and "already exists (pass --force to replace it)" in err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

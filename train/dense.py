@@ -25,7 +25,7 @@ import numpy as np
 
 from mm1_mlx import splitting
 from mm1_mlx.errors import UserError
-from mm1_mlx.loading import load, resolve_path, save_model
+from mm1_mlx.loading import check_writable, load, resolve_path, save_model
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
 from mm1_mlx.train import synth
@@ -226,6 +226,7 @@ def dense_pretrain(
 ) -> dict[str, float]:
     """Train `model_path`'s encoder and connector on per-token targets; write the whole model
     to `out` (atomically). Returns the held-out metrics at the end."""
+    check_writable(out, overwrite)
     scenes = read_scenes(scene_files)
     num_held_out = min(settings.held_out, len(scenes) // 5)
     if num_held_out < 1:
