@@ -1,0 +1,98 @@
+"""Linear probes of a model's image tokens: does the encoder see what the questions ask about?
+
+    python benchmarks/encoder_probe.py MODEL [MODEL ...] [--n 300] [--seed 7]
+
+Draws `n` fresh shape scenes and `n` screens (half per renderer), makes the model's own tiles
+and image tokens (connector output), and keeps the tokens whose cell centre lies on a thing
+(`mm1_mlx.train.dense`: its labels). A ridge classifier on the frozen tokens of the first
+three quarters of the scenes is scored on the last quarter, per question: the colour, the kind,
+and both, of the shape under a token; the screen's title under a title-bar token; the label
+under a button token. Chance is 1/6, 1/3, 1/18, 1/8 and 1/10.
+"""
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mm1_mlx.loading import load
+from mm1_mlx.train import synth
+from mm1_mlx.train.dense import CLASSES, SceneImage, TileBatcher
+
+RIDGE = 10.0
+
+
+def draw_scenes(folder: Path, sampler, n: int, seed: int) -> list[SceneImage]:
+    rng = random.Random(seed)
+    items = []
+    for k in range(n):
+        scene = sampler(rng)
+        path = folder / f"{sampler.__name__}-{k}.png"
+        synth.render(scene, synth.STYLES[k % 2], rng).save(path)
+        items.append(SceneImage(path, scene))
+    return items
+
+
+def thing_tokens(model, processor, items: list[SceneImage]):
+    """(tokens [cells, D], class names [cells], scene index [cells]) of the cells on things."""
+    batcher = TileBatcher(processor, model.config.num_image_tokens)
+    tokens, names, scene_of = [], [], []
+    for index, item in enumerate(items):
+        pixels, classes, _ = batcher([item])
+        features = np.array(model.connector(model.vision(pixels)))
+        classes = np.array(classes)
+        keep = classes > 0
+        tokens.append(features[keep])
+        names += [CLASSES[c] for c in classes[keep]]
+        scene_of += [index] * int(keep.sum())
+    return np.concatenate(tokens), np.array(names), np.array(scene_of)
+
+
+def probe_accuracy(tokens: np.ndarray, labels: np.ndarray, train: np.ndarray) -> float:
+    """Held-out accuracy of a one-vs-rest ridge classifier on standardised tokens."""
+    mean, std = tokens[train].mean(0), tokens[train].std(0) + 1e-6
+    z = (tokens - mean) / std
+    classes = sorted(set(labels))
+    targets = (labels[:, None] == np.array(classes)[None, :]).astype(np.float64)
+    gram = z[train].T @ z[train] + RIDGE * np.eye(z.shape[1])
+    weights = np.linalg.solve(gram, z[train].T @ targets[train])
+    predicted = (z[~train] @ weights).argmax(1)
+    return float((predicted == targets[~train].argmax(1)).mean())
+
+
+def probes(model, processor, shapes, screens) -> dict[str, float]:
+    results = {}
+    tokens, names, scene_of = thing_tokens(model, processor, shapes)
+    train = scene_of < 0.75 * len(shapes)
+    for question, part in (("colour", 0), ("kind", 1), ("colour+kind", None)):
+        labels = names if part is None else np.array([name.split()[part] for name in names])
+        results[question] = probe_accuracy(tokens, labels, train)
+    tokens, names, scene_of = thing_tokens(model, processor, screens)
+    train = scene_of < 0.75 * len(screens)
+    for question in ("title", "button"):
+        rows = np.array([name.startswith(question) for name in names])
+        results[question] = probe_accuracy(tokens[rows], names[rows], train[rows])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--n", type=int, default=300, help="scenes of each kind")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes = draw_scenes(Path(tmp), synth.sample_shape_scene, args.n, args.seed)
+        screens = draw_scenes(Path(tmp), synth.sample_screen_scene, args.n, args.seed + 1)
+        rows = {name: probes(*load(name), shapes, screens) for name in args.models}
+    questions = list(next(iter(rows.values())))
+    print("| model | " + " | ".join(questions) + " |")
+    print("|---|" + "---|" * len(questions))
+    for name, result in rows.items():
+        print(f"| {name} | " + " | ".join(f"{100 * result[q]:.1f}%" for q in questions) + " |")
+
+
+if __name__ == "__main__":
+    main()
