@@ -12,6 +12,7 @@ from helpers import run_cli
 from PIL import Image
 
 from mm1_mlx.boxes import format_box
+from mm1_mlx.errors import UserError
 from mm1_mlx.train import synth
 from mm1_mlx.train.data import DataLoader, SourceConfig
 from mm1_mlx.train.synth import (
@@ -376,3 +377,12 @@ def test_no_training_answer_gives_another_away():
 
 def scene_objects(scene: synth.Scene) -> tuple:
     return scene.shapes if isinstance(scene, synth.ShapeScene) else scene.buttons
+
+
+def test_scene_records_read_back_as_the_same_scenes():
+    for sampler in (sample_shape_scene, sample_screen_scene):
+        for scene in sampled(sampler, 20, seed=4):
+            record = json.loads(json.dumps(synth.scene_record("images/x.png", scene)))
+            assert synth.scene_from_record(record) == scene
+    with pytest.raises(UserError, match="not a scene record: type 'Cube'"):
+        synth.scene_from_record({"type": "Cube"})
