@@ -20,13 +20,15 @@ from mm1_mlx.train.synth import TASKS, write_eval
 ROOT = Path(__file__).resolve().parent.parent
 # Per question type, what the shipped model must keep reaching on a fresh held-out sample of
 # 25: its 200-per-type accuracy (README.md; benchmarks/demo_eval.py) less ~2.5 standard
-# errors of a 25-example sample, and above chance where it is. Issue 5's targets (90% per
-# type, 80% on grounding) are not met yet: train/recipes/demo/README.md says by how much.
+# errors of a 25-example sample (title: 100% measured, 90% asked), and above chance where it
+# is. Issue 5's targets (90% per type, 80% on grounding) are met by title and compare only:
+# train/recipes/demo/README.md says by how much the others miss.
 FLOORS = {
+    "title": 0.9,
     "compare": 0.85,
-    "count_buttons": 0.55,
+    "count_buttons": 0.65,
     "count_objects": 0.5,
-    "color": 0.3,
+    "color": 0.35,
     "count_kind": 0.25,
 }
 
