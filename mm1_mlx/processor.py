@@ -162,11 +162,10 @@ def place_in_canvas(
 ) -> Image.Image:
     """`image` resized to fit `canvas` with its aspect ratio kept, centred, padded with the
     mean colour (which normalizes to about zero)."""
-    inner = splitting.fit_size(image.size, canvas)
+    left, top, right, bottom = splitting.fitted_box(image.size, canvas)
     fill = tuple(round(255 * m) for m in config.mean)
     out = Image.new("RGB", canvas, fill)
-    offset = ((canvas[0] - inner[0]) // 2, (canvas[1] - inner[1]) // 2)
-    out.paste(image.resize(inner, _resample_filter(config)), offset)
+    out.paste(image.resize((right - left, bottom - top), _resample_filter(config)), (left, top))
     return out
 
 

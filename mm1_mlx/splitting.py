@@ -75,6 +75,13 @@ def fit_size(size: Size, box: Size) -> Size:
     return width, height
 
 
+def fitted_box(size: Size, canvas: Size) -> Box:
+    """Where an image of `size` lies once fitted into `canvas`, centred (the rest is padding)."""
+    inner = fit_size(size, canvas)
+    left, top = (canvas[0] - inner[0]) // 2, (canvas[1] - inner[1]) // 2
+    return left, top, left + inner[0], top + inner[1]
+
+
 def grid_preference(size: Size, grid: Grid, tile: int) -> tuple:
     """Sort key of a grid for an image of `size`: the smallest key is the best grid."""
     canvas = canvas_size(grid, tile)

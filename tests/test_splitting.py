@@ -7,6 +7,7 @@ from mm1_mlx.errors import UserError
 from mm1_mlx.splitting import (
     candidate_grids,
     fit_size,
+    fitted_box,
     prompt_layout,
     select_grid,
     split_range,
@@ -87,3 +88,14 @@ def test_split_range(settings, num_images, overrides, expected):
 def test_split_range_refuses_a_bad_range(n_min, n_max):
     with pytest.raises(UserError, match="n_min <= n_max"):
         split_range(SPLITTING_DEFAULTS, 1, split=True, n_min=n_min, n_max=n_max)
+
+
+def test_a_fitted_image_is_centred_in_its_canvas():
+    assert fitted_box((160, 320), (128, 128)) == (32, 0, 96, 128)
+    assert fitted_box((160, 320), (128, 256)) == (0, 0, 128, 256)
+    assert fitted_box((300, 100), (128, 128)) == (
+        0,
+        42,
+        128,
+        85,
+    )  # 43 rows high, 85 rows of padding

@@ -60,9 +60,8 @@ class SceneImage:
 def fitted_to_image(points: np.ndarray, size: tuple[int, int], canvas: tuple[int, int]):
     """Canvas pixels -> image pixels, for an image fitted into `canvas` (aspect ratio kept,
     centred), as `processor.place_in_canvas` draws it."""
-    inner = np.array(splitting.fit_size(size, canvas))
-    offset = (np.array(canvas) - inner) // 2
-    return (points - offset) * np.array(size) / inner
+    left, top, right, bottom = splitting.fitted_box(size, canvas)
+    return (points - (left, top)) * np.array(size) / (right - left, bottom - top)
 
 
 def cell_centres(
