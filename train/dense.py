@@ -32,6 +32,7 @@ from mm1_mlx.train import synth
 from mm1_mlx.train.optim import clip_grad_norm, make_schedule
 
 CLASSES = ("nothing", *synth.THING_NAMES)
+CLASS_IDS = {name: k for k, name in enumerate(CLASSES)}
 
 
 @dataclass
@@ -96,7 +97,7 @@ def cell_targets(scene: synth.Scene, centres: np.ndarray) -> tuple[np.ndarray, n
     for k, (x, y) in enumerate(flat):
         thing = synth.thing_at(scene, x, y)
         if thing is not None:
-            classes[k] = CLASSES.index(thing[0])
+            classes[k] = CLASS_IDS[thing[0]]
             boxes[k] = np.array(thing[1]) / (width, height, width, height)
     return classes.reshape(centres.shape[:-1]), boxes.reshape(*centres.shape[:-1], 4)
 
@@ -118,6 +119,9 @@ def read_scenes(paths: list[Path]) -> list[SceneImage]:
     return scenes
 
 
+TileBatch = tuple[mx.array, mx.array, mx.array]  # pixels, classes, boxes
+
+
 class TileBatcher:
     """Scenes -> (pixels [tiles, H, W, 3], classes [tiles, T], boxes [tiles, T, 4])."""
 
@@ -125,7 +129,7 @@ class TileBatcher:
         self.processor = processor
         self.side = int(round(num_tokens**0.5))
 
-    def __call__(self, items: list[SceneImage]) -> tuple[mx.array, mx.array, mx.array]:
+    def __call__(self, items: list[SceneImage]) -> TileBatch:
         config = self.processor.config.preprocess_config
         pixels, classes, boxes = [], [], []
         for item in items:
@@ -190,12 +194,11 @@ def group(name: str) -> str:
 CLASS_GROUPS = np.array([group(name) for name in CLASSES])
 
 
-def validate(net: DenseHeads, batcher: TileBatcher, items: list[SceneImage]) -> dict[str, float]:
+def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
     """Cell accuracy per group of classes, and the mean box-coordinate error on things, in the
     answers' 0..1000 units."""
     predicted, true, errors = [], [], []
-    for start in range(0, len(items), 32):
-        pixels, classes, boxes = batcher(items[start : start + 32])
+    for pixels, classes, boxes in batches:
         logits, predicted_boxes = net(pixels)
         predicted.append(np.array(logits.argmax(-1)).ravel())
         true.append(np.array(classes).ravel())
@@ -230,12 +233,14 @@ def dense_pretrain(
     num_held_out = min(settings.held_out, len(scenes) // 5)
     if num_held_out < 1:
         raise UserError(f"{len(scenes)} scenes are too few to hold some out (5 at least)")
-    train_items, held_out = scenes[:-num_held_out], scenes[-num_held_out:]
+    train_items, held_out_items = scenes[:-num_held_out], scenes[-num_held_out:]
     mx.random.seed(settings.seed)
     rng = random.Random(settings.seed)
     model, processor = load(model_path)
     net = DenseHeads(model)  # the decoder is not in it, so it gets no gradients
     batcher = TileBatcher(processor, model.config.num_image_tokens)
+    # Decoded once: the same scenes are scored every `validate_every` steps.
+    held_out = [batcher(held_out_items[k : k + 32]) for k in range(0, num_held_out, 32)]
     schedule = make_schedule(
         settings.lr, settings.steps, min(settings.warmup_steps, settings.steps)
     )
@@ -252,7 +257,7 @@ def dense_pretrain(
         if step % settings.log_every == 0 or step == settings.steps:
             report(step, {"loss": loss.item(), "lr": float(schedule(step))})
         if step % settings.validate_every == 0 or step == settings.steps:
-            metrics = validate(net, batcher, held_out)
+            metrics = validate(net, held_out)
             report(step, metrics)
     save_model(model, out, resolve_path(model_path), overwrite)
     return metrics
