@@ -57,6 +57,13 @@ def test_chat_without_a_model_counts_the_buttons_offline(offline):
     assert (code, answer.strip()) == (0, "3"), err
 
 
+def test_chat_without_a_model_reads_the_title_offline(offline):
+    code, answer, err = run_cli(
+        "chat", "--image", str(ROOT / "examples/screen.png"), "What is the title of this screen?"
+    )
+    assert (code, answer.strip()) == (0, "Photos"), err
+
+
 def test_chat_without_a_model_draws_its_box_offline(offline, tmp_path):
     """The README's main command. The demo model cannot ground the Send button yet (README),
     so this checks the path: a box answered, parsed and drawn on the image."""
