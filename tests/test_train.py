@@ -95,6 +95,22 @@ def test_sft_with_lora_and_validation(workdir):
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_box_smoothing_leaves_data_without_boxes_as_it_was(workdir):
+    """The tiny data has no boxes: soft targets change nothing (tests/test_coordinates.py
+    checks them where there are boxes)."""
+    runs = [
+        train(
+            load_recipe(
+                workdir / "tiny-pretrain.toml",
+                [f"train.box_smoothing={sigma}"],
+                out=workdir / str(sigma),
+            )
+        )
+        for sigma in (0, 8)
+    ]
+    assert losses(runs[0].out) == losses(runs[1].out)
+
+
 def test_cli_train_runs_and_refuses_to_overwrite_a_run(workdir):
     recipe = str(workdir / "tiny-pretrain.toml")
     code, out, err = run_cli("train", recipe, "--set", "train.steps=2", "--out", str(workdir / "r"))
@@ -110,6 +126,7 @@ def test_cli_train_runs_and_refuses_to_overwrite_a_run(workdir):
         ("train.stepz=3", "unknown key 'stepz'"),
         ("optimizer.lr='fast'", "optimizer.lr"),
         ("data.sources=[]", "no data sources"),
+        ("train.box_smoothing=-1", "train.box_smoothing"),
     ],
 )
 def test_bad_recipes_are_one_line_errors(workdir, override, message):

@@ -50,6 +50,7 @@ class TrainSettings:
     grad_accumulation: int = 1
     grad_clip: float | None = 1.0
     z_loss: float = 0.0  # coefficient of the output z-loss, mean logsumexp(logits)^2
+    box_smoothing: float = 0.0  # sigma (0..1000 units) of box coordinates' soft targets
     gradient_checkpointing: bool = False
 
 

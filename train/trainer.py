@@ -26,6 +26,7 @@ from mm1_mlx.errors import UserError
 from mm1_mlx.loading import copy_tokenizer_files, load, resolve_path, save_weights, write_config
 from mm1_mlx.model import MM1Model
 from mm1_mlx.quantize import quantize_model
+from mm1_mlx.train.coordinates import CoordinateSmoothing, token_texts
 from mm1_mlx.train.data import Batch, DataLoader
 from mm1_mlx.train.lora import apply_lora, fuse_lora
 from mm1_mlx.train.moe import RouterLosses
@@ -92,25 +93,47 @@ def peak_lr(recipe: Recipe, model: MM1Model) -> float:
 # -- one step -----------------------------------------------------------------------------------
 
 
-def loss_sums(model: MM1Model, batch: Batch, z_loss: float) -> tuple[mx.array, mx.array]:
-    """(sum of weighted training loss, sum of weighted cross-entropy) over a batch."""
+def loss_sums(
+    model: MM1Model, batch: Batch, z_loss: float, smoothing: CoordinateSmoothing | None = None
+) -> tuple[mx.array, mx.array]:
+    """(sum of weighted training loss, sum of weighted cross-entropy) over a batch. With
+    `smoothing`, the training loss takes box coordinates' soft targets; the cross-entropy
+    (what is logged) stays exact."""
     pixels = None if batch.pixels is None else mx.array(batch.pixels)
     logits = model(mx.array(batch.input_ids), pixels).astype(mx.float32)
     log_normaliser = mx.logsumexp(logits, axis=-1)
     targets = mx.array(batch.targets)[..., None]
     cross_entropy = log_normaliser - mx.take_along_axis(logits, targets, axis=-1)[..., 0]
+    training = cross_entropy
+    if smoothing is not None:
+        ids, soft_weights = smoothing(batch.input_ids, batch.targets)
+        soft_logits = mx.take_along_axis(logits, mx.array(ids), axis=-1)
+        training = log_normaliser - (soft_logits * mx.array(soft_weights)).sum(-1)
+    if z_loss:
+        training = training + z_loss * log_normaliser**2
     weights = mx.array(batch.weights)
-    training = cross_entropy + z_loss * log_normaliser**2 if z_loss else cross_entropy
     return (training * weights).sum(), (cross_entropy * weights).sum()
 
 
-def make_train_step(model: MM1Model, optimizer, recipe: Recipe, group):
+def coordinate_smoothing(recipe: Recipe, model: MM1Model, processor) -> CoordinateSmoothing | None:
+    sigma = recipe.train.box_smoothing
+    if not sigma:
+        return None
+    if sigma < 0:
+        raise UserError(f"train.box_smoothing must be 0 (off) or positive, not {sigma}")
+    vocab_size = model.config.text_config["vocab_size"]
+    return CoordinateSmoothing(token_texts(processor.tokenizer, vocab_size), sigma)
+
+
+def make_train_step(
+    model: MM1Model, optimizer, recipe: Recipe, group, smoothing: CoordinateSmoothing | None
+):
     router = RouterLosses(model.decoder)
     settings = recipe.train
 
     def objective(model, batch: Batch, total_weight: float, share: float):
         with router.masking(mx.array(batch.token_mask)):
-            training, cross_entropy = loss_sums(model, batch, settings.z_loss)
+            training, cross_entropy = loss_sums(model, batch, settings.z_loss, smoothing)
             auxiliary = router.loss()
         # `share` spreads the (already averaged) router loss over micro-batches and ranks.
         return training / total_weight + share * auxiliary, cross_entropy
@@ -310,7 +333,9 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         start = state["step"]
     metrics = MetricsLog(out / METRICS, start, is_main)
     model.train()  # LoRA dropout on
-    train_step = make_train_step(model, optimizer, recipe, group)
+    train_step = make_train_step(
+        model, optimizer, recipe, group, coordinate_smoothing(recipe, model, processor)
+    )
     data_state = loader.state_dict()
     tokens_per_step = recipe.data.batch_size * recipe.data.seq_len * recipe.train.grad_accumulation
 
