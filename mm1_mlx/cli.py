@@ -328,6 +328,9 @@ def data_dense_pretrain(
     lr: Annotated[float, typer.Option(min=0, help="Peak learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the unfinished run checkpointed in OUT.partial.")
+    ] = False,
 ) -> None:
     """Pre-train the image encoder and connector on the synthetic world's per-token labels
     (what lies under each image token, and its box) before any language training."""
@@ -337,7 +340,7 @@ def data_dense_pretrain(
         typer.echo(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     settings = DenseSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    dense_pretrain(model, scenes, out, settings, force, report)
+    dense_pretrain(model, scenes, out, settings, force, report, resume)
     typer.echo(f"wrote {out}")
 
 

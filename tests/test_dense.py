@@ -9,6 +9,7 @@ import pytest
 from helpers import run_cli
 from mlx.utils import tree_flatten
 
+from mm1_mlx.errors import UserError
 from mm1_mlx.loading import DEMO_MODEL, load
 from mm1_mlx.processor import WHOLE_IMAGE
 from mm1_mlx.train import synth
@@ -128,6 +129,27 @@ def test_dense_pretrain_trains_the_encoder_and_keeps_the_decoder(tmp_path):
     assert any(name.startswith("vision.") for name in changed)
     assert any(name.startswith("connector.") for name in changed)
     assert not any(name.startswith("decoder.") for name in changed)
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path):
+    write_scenes(tmp_path / "data", 12)
+    scenes = [tmp_path / "data" / "scenes.jsonl"]
+    settings = DenseSettings(steps=4, batch_size=4, held_out=4, log_every=1, checkpoint_every=2)
+    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "whole", settings)
+
+    def interrupt_at_step_3(step, values):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
+        dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, report=interrupt_at_step_3)
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
+    with pytest.raises(UserError, match="--resume continues it"):
+        dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings)
+    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, resume=True)
+    assert not (tmp_path / "out.partial").exists()
+    whole, resumed = (mx.load(str(tmp_path / n / "model.safetensors")) for n in ("whole", "out"))
+    assert all(mx.array_equal(whole[name], resumed[name]).item() for name in whole)
 
 
 def test_dense_pretrain_cli_reports_bad_input_in_one_line(tmp_path):

@@ -1,9 +1,12 @@
 """`mm1-mlx train` end to end on a tiny model: learning, resuming, ranks, freezing, recipes."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,7 +17,7 @@ from helpers import init_model_folder, run_cli
 
 import mm1_mlx
 from mm1_mlx.train.recipe import load_recipe
-from mm1_mlx.train.trainer import train
+from mm1_mlx.train.trainer import train, whole_step
 
 RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 
@@ -50,6 +53,17 @@ def test_loss_falls_and_frozen_vision_stays_bit_identical(workdir):
     assert all(np.array_equal(before[k], after[k]) for k in before)
     changed = weights(workdir / "model", "decoder."), weights(result.out, "decoder.")
     assert any(not np.array_equal(changed[0][k], changed[1][k]) for k in changed[0])
+
+
+def test_ctrl_c_inside_a_step_takes_effect_when_the_step_ends():
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with whole_step():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal arrives here, and is held
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_reproduces_the_uninterrupted_run(workdir):

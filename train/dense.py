@@ -14,6 +14,7 @@ maps back to the image: tile pixel -> canvas -> image pixel (`cell_centres`).
 
 import json
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,12 @@ from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
 from mm1_mlx.train import synth
 from mm1_mlx.train.optim import clip_grad_norm, make_schedule
+from mm1_mlx.train.trainer import (
+    checkpoint_dirs,
+    restore_checkpoint,
+    save_checkpoint,
+    whole_step,
+)
 
 CLASSES = ("nothing", *synth.THING_NAMES)
 CLASS_IDS = {name: k for k, name in enumerate(CLASSES)}
@@ -46,6 +53,7 @@ class DenseSettings:
     held_out: int = 200  # the last scenes (a fifth at most): validation, never trained on
     log_every: int = 25
     validate_every: int = 100
+    checkpoint_every: int = 100  # into OUT.partial/, which --resume continues from
     seed: int = 0
 
 
@@ -218,6 +226,11 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
 # -- the stage ----------------------------------------------------------------------------------
 
 
+def partial_folder(out: Path) -> Path:
+    """Where an unfinished run keeps its checkpoints (not in OUT: OUT appears only when done)."""
+    return out.with_name(out.name + ".partial")
+
+
 def dense_pretrain(
     model_path: str | Path,
     scene_files: list[Path],
@@ -225,10 +238,17 @@ def dense_pretrain(
     settings: DenseSettings,
     overwrite: bool = False,
     report: Callable[[int, dict[str, float]], None] = lambda step, values: None,
+    resume: bool = False,
 ) -> dict[str, float]:
     """Train `model_path`'s encoder and connector on per-token targets; write the whole model
-    to `out` (atomically). Returns the held-out metrics at the end."""
+    to `out` (atomically). Checkpoints go to `partial_folder(out)` every `checkpoint_every`
+    steps and on Ctrl-C; `resume` continues from the last one exactly. Returns the held-out
+    metrics at the end."""
     check_writable(out, overwrite)
+    partial = partial_folder(out)
+    checkpoints = checkpoint_dirs(partial)
+    if checkpoints and not resume:
+        raise UserError(f"{partial}: holds an unfinished run (--resume continues it)")
     scenes = read_scenes(scene_files)
     num_held_out = min(settings.held_out, len(scenes) // 5)
     if num_held_out < 1:
@@ -248,16 +268,34 @@ def dense_pretrain(
     loss_and_grad = nn.value_and_grad(
         net, lambda net, *batch: dense_loss(net, *batch, settings.box_weight)
     )
-    for step in range(1, settings.steps + 1):
-        batch = batcher(rng.sample(train_items, min(settings.batch_size, len(train_items))))
-        loss, grads = loss_and_grad(net, *batch)
-        grads, _ = clip_grad_norm(grads, 1.0)
-        optimizer.update(net, grads)
-        mx.eval(loss, net.parameters(), optimizer.state)
-        if step % settings.log_every == 0 or step == settings.steps:
-            report(step, {"loss": loss.item(), "lr": float(schedule(step))})
-        if step % settings.validate_every == 0 or step == settings.steps:
-            metrics = validate(net, held_out)
-            report(step, metrics)
+    start = 0
+    if checkpoints:
+        state = restore_checkpoint(checkpoints[-1], net, optimizer)
+        start, (version, internal, gauss) = state["step"], state["data"]["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+    step = start
+    try:
+        while step < settings.steps:
+            with whole_step():
+                items = rng.sample(train_items, min(settings.batch_size, len(train_items)))
+                loss, grads = loss_and_grad(net, *batcher(items))
+                grads, _ = clip_grad_norm(grads, 1.0)
+                optimizer.update(net, grads)
+                mx.eval(loss, net.parameters(), optimizer.state)
+                step += 1
+            if step % settings.log_every == 0 or step == settings.steps:
+                report(step, {"loss": loss.item(), "lr": float(schedule(step))})
+            if step % settings.validate_every == 0 and step < settings.steps:
+                report(step, validate(net, held_out))
+            if step % settings.checkpoint_every == 0:
+                save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
+    except KeyboardInterrupt:
+        if step > start:
+            save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
+            raise KeyboardInterrupt(f"interrupted at step {step}; --resume continues") from None
+        raise
+    metrics = validate(net, held_out)
+    report(settings.steps, metrics)
     save_model(model, out, resolve_path(model_path), overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
     return metrics

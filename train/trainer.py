@@ -10,6 +10,8 @@ resuming reproduces the uninterrupted run step for step.
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,6 +182,23 @@ def evaluate(model: MM1Model, loader: DataLoader, batches: int, group) -> float:
     return (total / mx.maximum(weight, 1e-9)).item()
 
 
+@contextmanager
+def whole_step() -> Iterator[None]:
+    """Ctrl-C inside the block takes effect when it ends: the checkpoint written on an
+    interrupt never holds weights a step ahead of its step count and data position."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 
 
@@ -345,10 +364,11 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
             while step < recipe.train.steps:
                 mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
                 began = time.perf_counter()
-                batches = [loader.next_batch() for _ in range(recipe.train.grad_accumulation)]
-                loss, grad_norm = train_step(batches)
-                step += 1
-                data_state = loader.state_dict()
+                with whole_step():
+                    batches = [loader.next_batch() for _ in range(recipe.train.grad_accumulation)]
+                    loss, grad_norm = train_step(batches)
+                    step += 1
+                    data_state = loader.state_dict()
                 values = {
                     "step": step,
                     "loss": loss,

@@ -23,9 +23,9 @@ wait
     data-a/text.jsonl data-a/chat.jsonl --out tokenizer
 [ -d base ] || mm1-mlx init config.json --tokenizer tokenizer --out base --smooth-numbers
 # The image encoder first (as MM1 starts from a CLIP encoder): every image token learns what
-# lies under it. Short and not resumable: an interrupted run starts over.
+# lies under it (checkpointed in vision.partial until done).
 [ -d vision ] || mm1-mlx data dense-pretrain base --scenes data-a/scenes.jsonl \
-    --scenes data-b/scenes.jsonl --out vision --steps "$dense_steps" --batch-size 32
+    --scenes data-b/scenes.jsonl --out vision --steps "$dense_steps" --batch-size 32 --resume
 mm1-mlx train pretrain.toml --resume "${train_args[@]}"
 mm1-mlx train sft.toml --resume "${train_args[@]}"
 mm1-mlx eval --model sft $(printf -- "--data %s " data-a/eval/*.jsonl) --json eval.json
