@@ -7,7 +7,9 @@ and image tokens (connector output), and keeps the tokens whose cell centre lies
 (`mm1_mlx.train.dense`: its labels). A ridge classifier on the frozen tokens of the first
 three quarters of the scenes is scored on the last quarter, per question: the colour, the kind,
 and both, of the shape under a token; the screen's title under a title-bar token; the label
-under a button token. Chance is 1/6, 1/3, 1/18, 1/8 and 1/10.
+under a button token. Chance is 1/6, 1/3, 1/18, 1/8 and 1/10. The last column is a ridge
+regression of the shape's box from the same tokens: the mean error of a coordinate in the
+answers' 0..1000 units (a grounded answer must copy it out).
 """
 
 import argparse
@@ -36,44 +38,52 @@ def draw_scenes(folder: Path, sampler, n: int, seed: int) -> list[SceneImage]:
 
 
 def thing_tokens(model, processor, items: list[SceneImage]):
-    """(tokens [cells, D], class names [cells], scene index [cells]) of the cells on things."""
+    """(tokens [cells, D], class names [cells], boxes [cells, 4] in 0..1, scene index [cells])
+    of the cells on things."""
     batcher = TileBatcher(processor, model.config.num_image_tokens)
-    tokens, names, scene_of = [], [], []
+    tokens, names, boxes, scene_of = [], [], [], []
     for index, item in enumerate(items):
-        pixels, classes, _ = batcher([item])
+        pixels, classes, cell_boxes = batcher([item])
         features = np.array(model.connector(model.vision(pixels)))
         classes = np.array(classes)
         keep = classes > 0
         tokens.append(features[keep])
         names += [CLASSES[c] for c in classes[keep]]
+        boxes.append(np.array(cell_boxes)[keep])
         scene_of += [index] * int(keep.sum())
-    return np.concatenate(tokens), np.array(names), np.array(scene_of)
+    return np.concatenate(tokens), np.array(names), np.concatenate(boxes), np.array(scene_of)
+
+
+def ridge_fit(tokens: np.ndarray, targets: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Held-out predictions of a ridge regression (with a bias) on standardised tokens."""
+    mean, std = tokens[train].mean(0), tokens[train].std(0) + 1e-6
+    z = np.concatenate([(tokens - mean) / std, np.ones((len(tokens), 1))], axis=1)
+    gram = z[train].T @ z[train] + RIDGE * np.eye(z.shape[1])
+    return z[~train] @ np.linalg.solve(gram, z[train].T @ targets[train])
 
 
 def probe_accuracy(tokens: np.ndarray, labels: np.ndarray, train: np.ndarray) -> float:
-    """Held-out accuracy of a one-vs-rest ridge classifier on standardised tokens."""
-    mean, std = tokens[train].mean(0), tokens[train].std(0) + 1e-6
-    z = (tokens - mean) / std
+    """Held-out accuracy of a one-vs-rest ridge classifier."""
     classes = sorted(set(labels))
     targets = (labels[:, None] == np.array(classes)[None, :]).astype(np.float64)
-    gram = z[train].T @ z[train] + RIDGE * np.eye(z.shape[1])
-    weights = np.linalg.solve(gram, z[train].T @ targets[train])
-    predicted = (z[~train] @ weights).argmax(1)
+    predicted = ridge_fit(tokens, targets, train).argmax(1)
     return float((predicted == targets[~train].argmax(1)).mean())
 
 
 def probes(model, processor, shapes, screens) -> dict[str, float]:
     results = {}
-    tokens, names, scene_of = thing_tokens(model, processor, shapes)
+    tokens, names, boxes, scene_of = thing_tokens(model, processor, shapes)
     train = scene_of < 0.75 * len(shapes)
     for question, part in (("colour", 0), ("kind", 1), ("colour+kind", None)):
         labels = names if part is None else np.array([name.split()[part] for name in names])
         results[question] = probe_accuracy(tokens, labels, train)
-    tokens, names, scene_of = thing_tokens(model, processor, screens)
+    box_error = 1000 * np.abs(ridge_fit(tokens, boxes, train) - boxes[~train]).mean()
+    tokens, names, _, scene_of = thing_tokens(model, processor, screens)
     train = scene_of < 0.75 * len(screens)
     for question in ("title", "button"):
         rows = np.array([name.startswith(question) for name in names])
         results[question] = probe_accuracy(tokens[rows], names[rows], train[rows])
+    results["box error"] = float(box_error)
     return results
 
 
@@ -91,7 +101,10 @@ def main() -> None:
     print("| model | " + " | ".join(questions) + " |")
     print("|---|" + "---|" * len(questions))
     for name, result in rows.items():
-        print(f"| {name} | " + " | ".join(f"{100 * result[q]:.1f}%" for q in questions) + " |")
+        cells = [
+            f"{result[q]:.0f}" if q == "box error" else f"{100 * result[q]:.1f}%" for q in questions
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
