@@ -71,6 +71,13 @@ def test_targets_outside_boxes_stay_exact():
     assert len(targets[2]) == 11  # "4" inside "[": 4 +- 6 without the part below 0
 
 
+def test_a_vocabulary_without_numbers_keeps_every_target_exact():
+    smoothing = CoordinateSmoothing(["[", "]", " at"], sigma=2.0)
+    ids, weights = smoothing(np.array([[0, 2]]), np.array([[2, 1]]))
+    assert ids[..., 0].tolist() == [[2, 1]] and weights[..., 0].tolist() == [[1, 1]]
+    assert weights[..., 1:].sum() == 0
+
+
 def test_soft_loss_is_the_cross_entropy_with_the_soft_targets():
     smoothing = CoordinateSmoothing(TEXTS, sigma=1.5)
     tokens = encode(" at", " [", "12", ",", " 20", ",", " 3", ",", " 30", "]", " 7", ",")

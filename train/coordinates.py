@@ -33,14 +33,9 @@ class CoordinateSmoothing:
             raise ValueError("sigma must be positive")
         radius = max(1, math.ceil(3 * sigma))
         offsets = np.arange(-radius, radius + 1)
-        vocab = len(texts)
-        self.ids = np.repeat(np.arange(vocab, dtype=np.int32)[:, None], len(offsets), axis=1)
-        self.weights = np.zeros(self.ids.shape, np.float32)
-        self.weights[:, 0] = 1.0
-        self.is_number = np.zeros(vocab, bool)
         # What each token does to "inside a box": 1 opens ("[", " ["), 0 closes ("]", "]."),
         # -1 neither. A token with both brackets counts by its last one.
-        self.bracket = np.full(vocab, -1, np.int8)
+        self.bracket = np.full(len(texts), -1, np.int8)
         numbers: dict[tuple[bool, int], int] = {}
         for token_id, text in enumerate(texts):
             last = max(text.rfind("["), text.rfind("]"))
@@ -49,14 +44,20 @@ class CoordinateSmoothing:
             match = NUMBER.fullmatch(text)
             if match and int(match[1]) <= LARGEST:
                 numbers[text.startswith(" "), int(match[1])] = token_id
+        # Tables for the number tokens only, row `number_row[id]`; the other tokens point at the
+        # spare last row (-1), which the exact targets replace.
+        self.number_row = np.full(len(texts), -1, np.int64)
+        self.neighbour_ids = np.zeros((len(numbers) + 1, len(offsets)), np.int32)
+        self.neighbour_weights = np.zeros((len(numbers) + 1, len(offsets)), np.float32)
         kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-        for (spaced, value), token_id in numbers.items():
+        for row, ((spaced, value), token_id) in enumerate(numbers.items()):
             neighbours = [numbers.get((spaced, value + offset)) for offset in offsets]
             present = np.array([n is not None for n in neighbours])
-            weights = kernel * present
-            self.ids[token_id] = [token_id if n is None else n for n in neighbours]
-            self.weights[token_id] = weights / weights.sum()
-            self.is_number[token_id] = True
+            self.number_row[token_id] = row
+            self.neighbour_ids[row] = [token_id if n is None else n for n in neighbours]
+            self.neighbour_weights[row] = kernel * present / (kernel * present).sum()
+        self.exact = np.zeros(len(offsets), np.float32)
+        self.exact[0] = 1.0
 
     def inside_brackets(self, input_ids: np.ndarray) -> np.ndarray:
         """bool [rows, T]: whether the text up to and including each input token has an open
@@ -68,10 +69,8 @@ class CoordinateSmoothing:
         return (last >= 0) & (state == 1)
 
     def __call__(self, input_ids: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        soft = self.inside_brackets(input_ids) & self.is_number[targets]
-        hard_ids = np.repeat(targets[..., None], self.ids.shape[1], axis=-1)
-        hard_weights = np.zeros(hard_ids.shape, np.float32)
-        hard_weights[..., 0] = 1.0
-        ids = np.where(soft[..., None], self.ids[targets], hard_ids)
-        weights = np.where(soft[..., None], self.weights[targets], hard_weights)
-        return ids, weights
+        rows = self.number_row[targets]
+        soft = (self.inside_brackets(input_ids) & (rows >= 0))[..., None]
+        ids = np.where(soft, self.neighbour_ids[rows], targets[..., None])
+        weights = np.where(soft, self.neighbour_weights[rows], self.exact)
+        return ids.astype(np.int32), weights
