@@ -93,9 +93,5 @@ def test_split_range_refuses_a_bad_range(n_min, n_max):
 def test_a_fitted_image_is_centred_in_its_canvas():
     assert fitted_box((160, 320), (128, 128)) == (32, 0, 96, 128)
     assert fitted_box((160, 320), (128, 256)) == (0, 0, 128, 256)
-    assert fitted_box((300, 100), (128, 128)) == (
-        0,
-        42,
-        128,
-        85,
-    )  # 43 rows high, 85 rows of padding
+    wide = fitted_box((300, 100), (128, 128))
+    assert wide == (0, 42, 128, 85)  # 43 rows high, 85 rows of padding

@@ -274,6 +274,10 @@ def dense_pretrain(
         start, (version, internal, gauss) = state["step"], state["data"]["rng"]
         rng.setstate((version, tuple(internal), gauss))
     step = start
+
+    def checkpoint() -> None:
+        save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
+
     try:
         while step < settings.steps:
             with whole_step():
@@ -288,10 +292,10 @@ def dense_pretrain(
             if step % settings.validate_every == 0 and step < settings.steps:
                 report(step, validate(net, held_out))
             if step % settings.checkpoint_every == 0:
-                save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
+                checkpoint()
     except KeyboardInterrupt:
         if step > start:
-            save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
+            checkpoint()
             raise KeyboardInterrupt(f"interrupted at step {step}; --resume continues") from None
         raise
     metrics = validate(net, held_out)
