@@ -1,6 +1,8 @@
 """The `mm1-mlx` command line."""
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -227,6 +229,16 @@ def app_command(
     serve(model, host, port)
 
 
+@contextmanager
+def interruption_reported() -> Iterator[None]:
+    """Ctrl-C says where the run was saved (Typer alone would exit 130 without a word)."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        typer.echo(str(interrupt) or "interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML (see train/recipes/).")],
@@ -272,7 +284,8 @@ def train(
                 status += f"  val {values['val_loss']:.4f}"
             progress.update(task, completed=step, status=status)
 
-        result = run(settings, resume=resume, reporter=report)
+        with interruption_reported():
+            result = run(settings, resume=resume, reporter=report)
     typer.echo(f"wrote {result.out} after {result.steps} steps; {result.skipped}")
 
 
@@ -340,7 +353,8 @@ def data_dense_pretrain(
         typer.echo(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     settings = DenseSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    dense_pretrain(model, scenes, out, settings, force, report, resume)
+    with interruption_reported():
+        dense_pretrain(model, scenes, out, settings, force, report, resume)
     typer.echo(f"wrote {out}")
 
 
@@ -390,6 +404,3 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt as interrupt:
-        print(f"{interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
-        sys.exit(130)

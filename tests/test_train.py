@@ -134,6 +134,25 @@ def test_cli_train_runs_and_refuses_to_overwrite_a_run(workdir):
     assert code == 1 and "--resume" in err and err.count("\n") == 1
 
 
+def test_cli_ctrl_c_says_where_the_run_was_saved(workdir, monkeypatch):
+    from mm1_mlx.train import trainer
+
+    def train_until_ctrl_c_at_step_2(recipe, resume, reporter):
+        def report(step, values):
+            reporter(step, values)
+            if step == 2:
+                raise KeyboardInterrupt
+
+        return train(recipe, resume=resume, reporter=report)
+
+    monkeypatch.setattr(trainer, "train", train_until_ctrl_c_at_step_2)
+    out = workdir / "r"
+    code, _, err = run_cli("train", str(workdir / "tiny-pretrain.toml"), "--out", str(out))
+    saved = out / "checkpoints" / "step-0000002"
+    assert code == 130 and f"interrupted at step 2; saved {saved}" in err, err
+    assert saved.is_dir()
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
