@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOORS = {
     "title": 0.9,
     "compare": 0.9,
+    "count_buttons": 0.8,
     "count_objects": 0.65,
-    "count_buttons": 0.6,
-    "color": 0.35,
-    "count_kind": 0.3,
-    "refer_shape": 0.1,
+    "count_kind": 0.5,
+    "color": 0.4,
+    "refer_shape": 0.3,
 }
 
 

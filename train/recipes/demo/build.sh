@@ -11,7 +11,7 @@ work="${1:-demo-work}"
 n="${2:-12000}"
 eval_per_task="${3:-50}"
 train_args=("${@:4}")
-dense_steps="${DENSE_STEPS:-800}"
+dense_steps="${DENSE_STEPS:-1600}"
 mkdir -p "$work"
 cp "$here/config.json" "$here/pretrain.toml" "$here/sft.toml" "$work/"
 cd "$work"
