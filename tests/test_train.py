@@ -16,6 +16,7 @@ from builders import make_dataset
 from helpers import init_model_folder, run_cli
 
 import mm1_mlx
+from mm1_mlx.train import trainer
 from mm1_mlx.train.recipe import load_recipe
 from mm1_mlx.train.trainer import train, whole_step
 
@@ -135,8 +136,6 @@ def test_cli_train_runs_and_refuses_to_overwrite_a_run(workdir):
 
 
 def test_cli_ctrl_c_says_where_the_run_was_saved(workdir, monkeypatch):
-    from mm1_mlx.train import trainer
-
     def train_until_ctrl_c_at_step_2(recipe, resume, reporter):
         def report(step, values):
             reporter(step, values)
