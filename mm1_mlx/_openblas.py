@@ -23,15 +23,12 @@ _CANDIDATES = (
 )
 
 
-def _core_type() -> str | None:
-    if platform.machine() != "x86_64":
-        return None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+def _core_type(cpuinfo: str, machine: str) -> str | None:
+    """The OpenBLAS kernel set for an x86_64 CPU with these /proc/cpuinfo flags, else None."""
+    if machine != "x86_64":
         return None
     flags = set()
-    for line in text.splitlines():
+    for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
@@ -40,6 +37,14 @@ def _core_type() -> str | None:
     if {"avx2", "fma"} <= flags:
         return "Haswell"
     return None
+
+
+def _this_core_type() -> str | None:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return _core_type(cpuinfo, platform.machine())
 
 
 def _library_path() -> str | None:
@@ -58,7 +63,7 @@ def load_openblas() -> str | None:
     path = _library_path()
     if path is None:
         return None
-    core_type = _core_type()
+    core_type = _this_core_type()
     if core_type is not None:
         os.environ.setdefault("OPENBLAS_CORETYPE", core_type)
     try:

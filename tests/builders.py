@@ -146,3 +146,32 @@ def make_dataset(folder: Path, n: int = 12) -> None:
     for name, records in rows.items():
         lines = "".join(json.dumps(r) + "\n" for r in records)
         (folder / f"{name}.jsonl").write_text(lines)
+
+
+def retokenized_copy(
+    model_dir: Path, out: Path, chat_template: str | None, adds_bos: bool = False
+) -> Path:
+    """A copy of a model folder whose tokenizer has `chat_template` (None: no template, the
+    processor's fallback format) and, with `adds_bos`, prepends <s> as Llama's does."""
+    import json
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    shutil.copytree(model_dir, out)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (out / name).unlink(missing_ok=True)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    config_path.write_text(json.dumps(config))
+    if adds_bos:
+        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        bos = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos)]
+        )
+        tokenizer.save(str(out / "tokenizer.json"))
+    return out

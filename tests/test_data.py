@@ -5,8 +5,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from builders import CHAT_TEMPLATE, retokenized_copy
 from PIL import Image
 
+import mm1_mlx
 from mm1_mlx.errors import UserError
 from mm1_mlx.processor import load_image, read_image_size
 from mm1_mlx.train import data
@@ -140,16 +142,17 @@ LLAVA = {
 
 @pytest.mark.parametrize(
     "template, trained",
-    [("tests", "blue</s>square</s>"), ("none", " blue\n square\n</s>")],
+    [(CHAT_TEMPLATE, "blue</s>square</s>"), (None, " blue\n square\n</s>")],
 )
-def test_chat_trains_on_assistant_turns_only(processor, tmp_path, monkeypatch, template, trained):
-    if template == "none":  # the fallback "Role: content" format, no end-of-turn token
-        monkeypatch.setattr(processor.tokenizer, "has_chat_template", False)
+def test_chat_trains_on_assistant_turns_only(tiny_model_dir, tmp_path, template, trained):
+    # Without a template: the fallback "Role: content" format, no end-of-turn token.
+    model_dir = retokenized_copy(tiny_model_dir, tmp_path / "model", chat_template=template)
+    processor = mm1_mlx.load(model_dir)[1]
     png(tmp_path, "b.png", BLUE)
     path = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
     batch = loader(processor, path, "chat", seq_len=100).next_batch()  # room for one
     assert trained_text(processor, batch) == trained
-    if template == "tests":
+    if template is not None:
         assert shown(processor, batch.input_ids[0]).startswith(
             "<|system|>be brief</s><|user|><image>\nwhat color?</s><|assistant|>blue</s>"
             "<|user|>and the shape?</s><|assistant|>square</s>"

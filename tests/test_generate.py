@@ -18,18 +18,30 @@ def picture(seed: int, size=(40, 56)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), np.uint8))
 
 
-def argmax_by_full_forwards(model, inputs, steps: int, eos: set[int]) -> list[int]:
-    """The reference: no cache, the whole sequence through the model for every token."""
+def argmax_by_full_forwards(
+    model, inputs, steps: int, eos: set[int], penalty: float = 1.0, context: int = 64
+) -> list[int]:
+    """The reference: no cache, the whole sequence through the model for every token. With
+    `penalty`, the logits of the last `context` tokens (prompt and answer) are divided by it
+    where positive and multiplied where negative (CTRL's repetition penalty)."""
     ids = list(inputs.input_ids)
     pixels = None if inputs.tiles is None else mx.array(inputs.tiles)
     out = []
     for _ in range(steps):
-        token = int(mx.argmax(model(mx.array([ids]), pixels)[0, -1]).item())
+        logits = np.array(model(mx.array([ids]), pixels)[0, -1])
+        seen = np.unique(ids[-context:])
+        logits[seen] = np.where(logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty)
+        token = int(np.argmax(logits))
         out.append(token)
         if token in eos:
             break
         ids.append(token)
     return out
+
+
+def first_token_logits(model, inputs) -> np.ndarray:
+    pixels = None if inputs.tiles is None else mx.array(inputs.tiles)
+    return np.array(model(mx.array([inputs.input_ids]), pixels)[0, -1], np.float64)
 
 
 def answer_tokens(chunks) -> list[int]:
@@ -119,14 +131,65 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_model):
     assert hot[0] == hot[1]
 
 
-def test_repetition_penalty_changes_the_answer(tiny_model):
+def test_repetition_penalty_is_applied_at_every_step(tiny_model):
     model, processor = tiny_model
-    plain = answer_tokens(stream_generate(model, processor, "List the buttons.", max_tokens=24))
-    penalised = answer_tokens(stream_generate(model, processor, "List the buttons.",
-                                              max_tokens=24, repetition_penalty=50.0))  # fmt: skip
-    assert len(set(penalised)) >= len(set(plain))
-    if len(set(plain)) < len(plain):  # the greedy answer repeats itself; the penalty stops that
-        assert penalised != plain
+    prompt = [{"role": "user", "content": "List the buttons."}]
+    inputs = processor.apply_chat_template(prompt)
+    eos = set(processor.tokenizer.eos_token_ids)
+    plain = argmax_by_full_forwards(model, inputs, 24, eos)
+    expected = argmax_by_full_forwards(model, inputs, 24, eos, penalty=50.0, context=64)
+    assert expected != plain  # the tiny model repeats itself: the penalty must change that
+    penalised = answer_tokens(stream_generate(model, processor, prompt, max_tokens=24,
+                                              repetition_penalty=50.0))  # fmt: skip
+    assert penalised == expected
+
+
+SAMPLES = 400
+
+
+def sampled_first_tokens(model, processor, prompt, **settings) -> np.ndarray:
+    """The first answer token of SAMPLES generations, one seed each."""
+    return np.array([
+        answer_tokens(stream_generate(model, processor, prompt, max_tokens=1, seed=seed,
+                                      **settings))[0]
+        for seed in range(SAMPLES)
+    ])  # fmt: skip
+
+
+# The tiny model's next-token distribution is nearly flat (top token 0.4%): temperatures this
+# low shape it into a head of a few likely tokens (top 72% and 31%).
+@pytest.mark.parametrize("temperature", [0.03, 0.05])
+def test_temperature_samples_from_the_softened_distribution(tiny_model, temperature):
+    """Sampled tokens follow softmax(logits / T): each token's frequency within 4.5 standard
+    errors of its probability. Greedy decoding, or another temperature, is far outside."""
+    model, processor = tiny_model
+    prompt = [{"role": "user", "content": "What is on the screen?"}]
+    logits = first_token_logits(model, processor.apply_chat_template(prompt)) / temperature
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    assert probabilities.max() < 0.9  # a spread distribution, or greedy would pass
+    tokens = sampled_first_tokens(model, processor, prompt, temperature=temperature)
+    frequencies = np.bincount(tokens, minlength=len(probabilities)) / SAMPLES
+    error = np.sqrt(probabilities * (1 - probabilities) / SAMPLES) + 1 / SAMPLES
+    assert np.all(np.abs(frequencies - probabilities) < 4.5 * error)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.03)])
+def test_top_k_and_top_p_sample_only_from_the_head(tiny_model, top_k, top_p):
+    model, processor = tiny_model
+    prompt = [{"role": "user", "content": "What is on the screen?"}]
+    logits = first_token_logits(model, processor.apply_chat_template(prompt))
+    order = np.argsort(-logits)
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    # top-p keeps the smallest head whose probability (before temperature) reaches p
+    nucleus = np.searchsorted(np.cumsum(probabilities[order]), top_p) + 1
+    head = set(order[: top_k or nucleus].tolist())
+    assert 1 < len(head) < 20
+    tokens = sampled_first_tokens(
+        model, processor, prompt, temperature=1.0, top_k=top_k, top_p=top_p
+    )
+    assert set(tokens.tolist()) == head  # only the head, and all of it (400 samples)
 
 
 def test_timing_statistics(tiny_model):

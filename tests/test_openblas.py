@@ -48,5 +48,25 @@ def test_it_can_be_turned_off_and_is_skipped_after_mlx():
     assert library == "None" and error < 1e-3
 
 
-def test_core_type_comes_from_cpu_flags():
-    assert _openblas._core_type() in (None, "Haswell", "SkylakeX")
+AVX512 = "fpu sse4_2 avx avx2 fma avx512f avx512dq avx512bw avx512vl"
+
+
+@pytest.mark.parametrize(
+    "flags, machine, expected",
+    [
+        (AVX512, "x86_64", "SkylakeX"),
+        ("fpu sse4_2 avx avx2 fma", "x86_64", "Haswell"),
+        ("fpu sse4_2 avx avx2 fma avx512f", "x86_64", "Haswell"),  # AVX-512 without BW/VL/DQ
+        ("fpu sse4_2 avx avx2", "x86_64", None),  # AVX2 without FMA
+        ("fpu sse4_2 avx", "x86_64", None),
+        (AVX512, "aarch64", None),
+    ],
+)
+def test_core_type_comes_from_cpu_flags(flags, machine, expected):
+    cpuinfo = f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {flags}\n\n"
+    second_cpu = f"processor\t: 1\nflags\t\t: {flags}\n"
+    assert _openblas._core_type(cpuinfo + second_cpu, machine) == expected
+
+
+def test_core_type_without_flags_is_none():
+    assert _openblas._core_type("processor\t: 0\n", "x86_64") is None

@@ -5,10 +5,11 @@ import io
 import itertools
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import CHAT_TEMPLATE, make_clip_vision, make_llm
+from builders import CHAT_TEMPLATE, make_clip_vision, make_llm, retokenized_copy
 from PIL import Image
 
 import mm1_mlx
@@ -23,12 +24,22 @@ RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
 
 @pytest.fixture(scope="module")
-def processor(tmp_path_factory) -> Processor:
+def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("processor")
     make_llm(root / "llm", "llama", vocab_size=336)
     make_clip_vision(root / "vision")
     convert_model(root / "vision", root / "llm", root / "model", num_image_tokens=TOKENS)
-    return mm1_mlx.load(root / "model")[1]
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def processor(model_dir) -> Processor:
+    return mm1_mlx.load(model_dir)[1]
+
+
+def retokenized(model_dir: Path, tmp_path: Path, **tokenizer) -> Processor:
+    """The processor of a copy of the model whose tokenizer is changed (builders.py)."""
+    return mm1_mlx.load(retokenized_copy(model_dir, tmp_path / "model", **tokenizer))[1]
 
 
 def with_preprocess(processor: Processor, **changes) -> Processor:
@@ -380,14 +391,11 @@ def conversations() -> tuple[list[dict], list[dict]]:
     return first, second
 
 
-@pytest.mark.parametrize("template", ["tests", "none"])
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, None])
 @pytest.mark.parametrize("split", [False, True])
-def test_a_longer_conversation_starts_with_the_earlier_tokens(
-    processor, monkeypatch, template, split
-):
+def test_a_longer_conversation_starts_with_the_earlier_tokens(model_dir, tmp_path, template, split):
     """The engine keeps a chat's KV cache: the next turn's prompt extends the last one."""
-    if template == "none":
-        monkeypatch.setattr(processor.tokenizer, "has_chat_template", False)
+    processor = retokenized(model_dir, tmp_path, chat_template=template)
     first, second = conversations()
     before = processor.apply_chat_template(first, [noise(seed=1)], split=split)
     after = processor.apply_chat_template(second, [noise(seed=1), noise(seed=2)], split=split)
@@ -395,29 +403,20 @@ def test_a_longer_conversation_starts_with_the_earlier_tokens(
     assert after.tile_keys[: len(before.tile_keys)] == before.tile_keys
 
 
-def test_fallback_format_without_a_chat_template(processor, monkeypatch):
-    monkeypatch.setattr(processor.tokenizer, "has_chat_template", False)
+def test_fallback_format_without_a_chat_template(model_dir, tmp_path):
+    processor = retokenized(model_dir, tmp_path, chat_template=None)
+    assert not processor.tokenizer.has_chat_template
     first, _ = conversations()
     inputs = processor.apply_chat_template(first, [solid(RED)])
     text = processor.decode(inputs.input_ids).replace("<image>" * TOKENS, "<image>")
     assert text == "User: <image> what color?\nAssistant:"
 
 
-@pytest.fixture
-def bos_tokenizer(processor, monkeypatch):
-    """The tests' tokenizer made to add BOS, as Llama's does."""
-    from tokenizers.processors import TemplateProcessing
-
-    backend = processor.tokenizer._tokenizer.backend_tokenizer
-    adds_bos = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    monkeypatch.setattr(backend, "post_processor", adds_bos)
-    return processor
-
-
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, "{{ bos_token }}" + CHAT_TEMPLATE])
-def test_exactly_one_bos(bos_tokenizer, monkeypatch, template):
-    processor = bos_tokenizer
-    monkeypatch.setattr(processor.tokenizer._tokenizer, "chat_template", template)
+def test_exactly_one_bos(model_dir, tmp_path, template):
+    """A tokenizer that adds BOS (as Llama's does) and a template that may write it too."""
+    processor = retokenized(model_dir, tmp_path, chat_template=template, adds_bos=True)
+    assert processor.tokenizer.encode("what")[0] == 1
     first, _ = conversations()
     ids = processor.apply_chat_template(first, [solid(RED)]).input_ids
     assert ids[0] == 1 and ids.count(1) == 1

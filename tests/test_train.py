@@ -16,6 +16,7 @@ from builders import make_dataset
 from helpers import init_model_folder, run_cli
 
 import mm1_mlx
+from mm1_mlx.generate import generate
 from mm1_mlx.train import trainer
 from mm1_mlx.train.recipe import load_recipe
 from mm1_mlx.train.trainer import train, whole_step
@@ -91,13 +92,30 @@ def test_resume_reproduces_the_uninterrupted_run(workdir):
 
 
 def test_output_folder_is_a_model_folder(workdir):
-    result = train(load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=2"]))
-    model, processor = mm1_mlx.load(result.out)
-    code, out, err = run_cli(
-        "chat", "--model", str(result.out), "--image", str(workdir / "data/images/0.png"),
-        "--max-tokens", "3", "What color is the square?",
-    )  # fmt: skip
+    """The trained weights (the last checkpoint's), the frozen ones as they were, the source's
+    config and tokenizer; `mm1-mlx chat` answers from it as the loaded model does."""
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=2", "checkpoint.every=2"])
+    result = train(recipe)
+    out, source = weights(result.out, ""), weights(workdir / "model", "")
+    assert out.keys() == source.keys()
+    trained = mx.load(str(result.out / "checkpoints/step-0000002/trainable.safetensors"))
+    assert trained and not any(name.startswith("vision.") for name in trained)
+    for name, value in out.items():
+        expected = np.array(trained[name]) if name in trained else source[name]
+        assert np.array_equal(value, expected), name
+    assert any(not np.array_equal(np.array(v), source[k]) for k, v in trained.items())
+    config = json.loads((result.out / "config.json").read_text())
+    assert config == json.loads((workdir / "model/config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (result.out / name).read_bytes() == (workdir / "model" / name).read_bytes()
+
+    image, question = str(workdir / "data/images/0.png"), "What color is the square?"
+    code, answer, err = run_cli(
+        "chat", "--model", str(result.out), "--image", image, "--max-tokens", "3", question
+    )
     assert code == 0, err
+    model, processor = mm1_mlx.load(result.out)
+    assert answer.rstrip("\n") == generate(model, processor, question, [image], max_tokens=3)
 
 
 def test_sft_with_lora_and_validation(workdir):
