@@ -1,6 +1,6 @@
 """Inference speed of mm1-mlx next to its peers, fp32 on MLX's CPU backend, in one process.
 
-    python benchmarks/inference.py [--quick] [--json results.json]
+    python benchmarks/inference.py [--quick | --tiny] [--json results.json]
 
 1. Decode tokens/s: mm1-mlx's `generate_tokens` vs mlx-lm's `generate_step` on the same decoder
    (the very same weights) and the same text-only prompt, greedy, EOS ignored.
@@ -91,6 +91,28 @@ QUICK = Sizes(
     vocab=8000,
     rounds=2,
 )
+
+# Seconds, not a measurement: the test suite's smoke test of this script.
+TINY = Sizes(
+    image_size=56,
+    vit_width=64,
+    vit_layers=2,
+    vit_heads=2,
+    vit_mlp=128,
+    connector_hidden=64,
+    connector_depth=1,
+    image_tokens=4,
+    llm_hidden=64,
+    llm_layers=2,
+    llm_heads=2,
+    llm_kv_heads=1,
+    llm_intermediate=128,
+    vocab=512,
+    prompt_text_tokens=8,
+    new_tokens=4,
+    rounds=1,
+)
+SIZES = {"full": Sizes(), "quick": QUICK, "tiny": TINY}
 
 
 def text_config(sizes: Sizes) -> dict:
@@ -406,16 +428,18 @@ def describe(sizes: Sizes) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, for development")
+    parser.add_argument("--tiny", action="store_true", help="seconds: a smoke test, no result")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    sizes = QUICK if args.quick else Sizes()
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    sizes = SIZES[size]
     started = time.perf_counter()
     results = benchmark(sizes)
     print()
     print(describe(sizes))
     print()
     print(table(results))
-    command = "python benchmarks/inference.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/inference.py" + ("" if size == "full" else f" --{size}")
     print(f"\n`{command}` ({time.perf_counter() - started:.0f} s)")
     if args.json:
         results = {"command": command, "sizes": asdict(sizes), **results}

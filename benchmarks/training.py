@@ -1,7 +1,7 @@
 """Training throughput: mm1-mlx vs PyTorch (transformers) on the same small decoder, CPU fp32,
 and the whole MM1 model's step time split into vision, connector and decoder.
 
-    python benchmarks/training.py [--quick] [--json PATH]
+    python benchmarks/training.py [--quick | --tiny] [--json PATH]
 
 Each framework runs in its own process (so each peak RSS is its own), alternating rounds,
 and the medians are compared. Both train the same Llama configuration with AdamW on random
@@ -27,6 +27,15 @@ DECODER = dict(
     tie_word_embeddings=False,
 )
 QUICK = dict(DECODER, hidden_size=256, intermediate_size=704, num_hidden_layers=4)
+# Seconds, not a measurement: the test suite's smoke test of this script.
+TINY = dict(DECODER, hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=512)
+DECODERS = {"full": DECODER, "quick": QUICK, "tiny": TINY}
+# The MM1 step split: ViT width and layers, connector width, images of 224 px, sequence length.
+SPLITS = {
+    "full": (768, 12, 1024, 4, 512),
+    "quick": (384, 4, 256, 4, 512),
+    "tiny": (64, 1, 64, 1, 64),
+}
 
 
 def measure_torch(config: dict, batch: int, seq_len: int, steps: int) -> dict:
@@ -63,10 +72,11 @@ def measure_mlx(config: dict, batch: int, seq_len: int, steps: int) -> dict:
     mx.eval(model.parameters())
     recipe = benchmark_recipe()
     optimizer = make_optimizer(model, "adamw", make_schedule(1e-4, 1000), betas=(0.9, 0.95))
-    step_fn = make_train_step(model, optimizer, recipe, mx.distributed.init())
+    step_fn = make_train_step(model, optimizer, recipe, mx.distributed.init(), smoothing=None)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config["vocab_size"], (batch, seq_len + 1)).astype(np.int32)
-    data = Batch(ids[:, :-1], ids[:, 1:], np.ones((batch, seq_len), np.float32), None)
+    lengths = np.full(batch, seq_len, np.int32)
+    data = Batch(ids[:, :-1], ids[:, 1:], np.ones((batch, seq_len), np.float32), None, lengths)
     result = time_steps(lambda: step_fn([data]), steps, batch * seq_len)
     result["peak_memory_gb"] = mx.get_peak_memory() / 1e9
     return result
@@ -115,7 +125,7 @@ def time_steps(step, steps: int, tokens_per_step: int) -> dict:
     }
 
 
-def split_mm1_step(quick: bool) -> dict:
+def split_mm1_step(size: str) -> dict:
     """Forward + backward time of each part of an MM1 model on one batch with images."""
     import mm1_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 
@@ -123,13 +133,12 @@ def split_mm1_step(quick: bool) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    text = dict(QUICK if quick else DECODER, model_type="llama")
-    width, layers = (384, 4) if quick else (768, 12)
+    text = dict(DECODERS[size], model_type="llama")
+    width, layers, connector_width, images, seq_len = SPLITS[size]
     vision = dict(image_size=224, patch_size=14, width=width, layers=layers, heads=width // 64)
     vision["mlp_dim"] = 4 * width
-    model = tiny_mm1(text, vision, dict(hidden_dim=256 if quick else 1024, depth=3, num_tokens=64))
+    model = tiny_mm1(text, vision, dict(hidden_dim=connector_width, depth=3, num_tokens=64))
     mx.eval(model.parameters())
-    images, seq_len = 4, 512
     pixels = mx.random.normal((images, 224, 224, 3))
     features = model.vision(pixels)
     embeddings = mx.random.normal((1, seq_len, text["hidden_size"]))
@@ -160,21 +169,27 @@ def split_mm1_step(quick: bool) -> dict:
     return {"shape": shape, **{k: {"s": v, "share": v / total} for k, v in times.items()}}
 
 
-def run_child(framework: str, quick: bool) -> dict:
-    command = [sys.executable, __file__, "--child", framework] + (["--quick"] if quick else [])
+def run_child(framework: str, size: str) -> dict:
+    command = [sys.executable, __file__, "--child", framework, "--size", size]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller decoder")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_const", const="quick", dest="size",
+                       help="a smaller decoder")  # fmt: skip
+    sizes.add_argument("--tiny", action="store_const", const="tiny", dest="size",
+                       help="seconds: a smoke test, no result")  # fmt: skip
+    sizes.add_argument("--size", choices=DECODERS, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = QUICK if args.quick else DECODER
-    batch, seq_len, steps = 4, 256, 3
+    size = args.size or "full"
+    config = DECODERS[size]
+    batch, seq_len, steps = (2, 32, 1) if size == "tiny" else (4, 256, 3)
     if args.child:
         measure = measure_mlx if args.child == "mlx" else measure_torch
         print(json.dumps(measure(config, batch, seq_len, steps)))
@@ -183,16 +198,16 @@ def main() -> None:
     rounds = {"mlx": [], "torch": []}
     for _ in range(args.rounds):
         for framework in rounds:
-            rounds[framework].append(run_child(framework, args.quick))
+            rounds[framework].append(run_child(framework, size))
     summary = {
         name: {key: statistics.median(r[key] for r in results) for key in results[0]}
         for name, results in rounds.items()
     }
-    split = split_mm1_step(args.quick)
+    split = split_mm1_step(size)
     ratio = summary["mlx"]["tokens_per_s"] / summary["torch"]["tokens_per_s"]
-    size = f"Llama {config['num_hidden_layers']} layers x {config['hidden_size']}, vocab "
-    size += f"{config['vocab_size']}; batch {batch} x {seq_len} tokens; AdamW; fp32 CPU"
-    print(f"Training step, {size}")
+    shape = f"Llama {config['num_hidden_layers']} layers x {config['hidden_size']}, vocab "
+    shape += f"{config['vocab_size']}; batch {batch} x {seq_len} tokens; AdamW; fp32 CPU"
+    print(f"Training step, {shape}")
     print("| | mm1-mlx | PyTorch (transformers) | ratio |")
     print("|---|---|---|---|")
     mlx_, torch_ = summary["mlx"], summary["torch"]
@@ -204,7 +219,7 @@ def main() -> None:
     print(f"\nMM1 step split ({split['shape']}):")
     for part in ("vision", "connector", "decoder"):
         print(f"  {part:9s} {split[part]['s']:.3f} s ({split[part]['share']:.0%})")
-    print(f"\ncommand: python benchmarks/training.py{' --quick' if args.quick else ''}")
+    print(f"\ncommand: python benchmarks/training.py{'' if size == 'full' else ' --' + size}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"decoder": summary, "ratio": ratio, "mm1_split": split}, file, indent=2)

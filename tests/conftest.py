@@ -34,3 +34,16 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     return mm1_mlx.load(tiny_model_dir)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skipped browser tests are a gap in what was tested: say so where nobody can miss it."""
+    skipped = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if "test_app_browser" in report.nodeid
+    ]
+    if skipped:
+        reason = skipped[0].longrepr[2] if isinstance(skipped[0].longrepr, tuple) else ""
+        terminalreporter.write_sep("!", "THE APP'S BROWSER TESTS DID NOT RUN", red=True, bold=True)
+        terminalreporter.write_line(f"{len(skipped)} skipped: {reason}", red=True)

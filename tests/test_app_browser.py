@@ -58,8 +58,10 @@ SCREEN = screen_png()
 
 
 def chromium_paths() -> list[str]:
-    """Debian's Chromium first; on Ubuntu /usr/bin/chromium may be a snap stub, hence the rest."""
-    names = ["/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "chrome"]
+    """Debian's Chromium first; on Ubuntu /usr/bin/chromium may be a snap stub, hence the rest;
+    on macOS, Google Chrome's app."""
+    names = ["/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "chrome",
+             "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"]  # fmt: skip
     return list(dict.fromkeys(path for path in map(shutil.which, names) if path))
 
 
@@ -78,7 +80,8 @@ def browser():
             yield launched
             launched.close()
             return
-    reason = "no working Chromium (apt-get install chromium): " + "; ".join(failures)
+    reason = "no working Chromium (apt-get install chromium)"
+    reason += f": {'; '.join(failures)}" if failures else ", none found"
     if os.environ.get("MM1_MLX_REQUIRE_BROWSER"):  # .ci/run installed one: it must work
         pytest.fail(reason)
     pytest.skip(reason)

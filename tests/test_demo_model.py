@@ -3,6 +3,7 @@ offline, and right about held-out images of the synthetic world; and its recipe 
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,16 +14,17 @@ from helpers import run_cli
 from PIL import Image
 
 from mm1_mlx.boxes import parse_boxes
-from mm1_mlx.evaluate import evaluate, load_examples
+from mm1_mlx.evaluate import evaluate, load_examples, whole_box
 from mm1_mlx.loading import DEMO_MODEL, load
+from mm1_mlx.processor import read_image_size
+from mm1_mlx.train import synth
 from mm1_mlx.train.synth import TASKS, write_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 # Per question type, what the shipped model must keep reaching on a fresh held-out sample of
 # 25: its 200-per-type accuracy (README.md; benchmarks/demo_eval.py) less ~2.5 standard
-# errors of a 25-example sample (title: 100% measured, 90% asked), and above chance where it
-# is. Issue 5's targets (90% per type, 80% on grounding) are met by title and compare only:
-# train/recipes/demo/README.md says by how much the others miss.
+# errors of a 25-example sample (title: 100% measured, 90% asked), where that is above chance.
+# The other types are below their targets (README.md: 90% per type, 80% on grounding).
 FLOORS = {
     "title": 0.9,
     "compare": 0.9,
@@ -32,6 +34,37 @@ FLOORS = {
     "color": 0.4,
     "refer_shape": 0.3,
 }
+# Where the model is not yet right, it must still answer in the truth's form (one box for a
+# box; a list of as many known labels or phrases as the truth has): measured on this sample,
+# describe 76%, ground_shape 88%, the screen types 100%.
+FORM_FLOORS = {"describe": 0.5, "ground_shape": 0.7}
+FORM_FLOOR = 0.9
+WORDS = {
+    *synth.TITLES,
+    *synth.LABELS,
+    *synth.COLORS,
+    *(f"the {ordinal}" for ordinal in synth.ORDINALS),
+    *(
+        synth.Shape(kind, color, (0, 0, 1, 1)).phrase
+        for kind in synth.KINDS
+        for color in synth.COLORS
+    ),
+    *map(str, range(synth.MAX_OBJECTS + 1)),
+}
+
+
+def answer_items(text: str) -> list[str]:
+    """The items of an answer: "a, b and c" -> [a, b, c]."""
+    return re.split(r", | and ", text.strip())
+
+
+def has_the_truths_form(result) -> bool:
+    size = read_image_size(result.example.images[0])
+    truth = whole_box(result.example.answer, size)
+    if truth is not None:
+        return whole_box(result.prediction, size) is not None
+    items = answer_items(result.prediction)
+    return len(items) == len(answer_items(result.example.answer)) and set(items) <= WORDS
 
 
 @pytest.fixture
@@ -83,9 +116,19 @@ def test_the_demo_model_keeps_its_accuracy_on_a_fresh_held_out_sample(tmp_path):
     write_eval(tmp_path, n_per_task=25, seed=31337)
     model, processor = load(DEMO_MODEL)
     examples = [e for task in TASKS for e in load_examples(tmp_path / f"{task}.jsonl")]
-    scores = evaluate(model, processor, examples, max_tokens=32).scores()
+    report = evaluate(model, processor, examples, max_tokens=32)
+    scores = report.scores()
     reached = {task: scores[task].accuracy for task in TASKS}
-    assert all(reached[task] >= FLOORS.get(task, 0.0) for task in TASKS), reached
+    below = {task: value for task, value in reached.items() if value < FLOORS.get(task, 0.0)}
+    assert not below, f"accuracy below its floor: {below}"
+    formed = {task: [] for task in TASKS}
+    for result in report.results:
+        formed[result.example.task].append(has_the_truths_form(result))
+    formed = {task: sum(found) / len(found) for task, found in formed.items()}
+    below = {
+        task: value for task, value in formed.items() if value < FORM_FLOORS.get(task, FORM_FLOOR)
+    }
+    assert not below, f"answers not in the truth's form: {below}"
 
 
 @pytest.mark.slow

@@ -1,0 +1,72 @@
+"""Every script under benchmarks/ runs as documented, on a tiny configuration, in seconds: a
+smoke test (the numbers are not measurements), so a benchmark cannot rot unnoticed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm1_mlx.loading import DEMO_MODEL
+from mm1_mlx.train.synth import STYLES, TASKS
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    """The script's standard output; it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_every_benchmark_has_a_smoke_test():
+    tested = ["demo_eval", "encoder_probe", "inference", "openblas_matmul", "training"]
+    assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
+
+
+def test_openblas_matmul():
+    out = run_benchmark("openblas_matmul.py", "--size", "64", "--repeats", "2")
+    assert "bundled BLAS" in out and "ratio" in out
+
+
+def test_inference(tmp_path):
+    out = run_benchmark("inference.py", "--tiny", "--json", str(tmp_path / "r.json"))
+    assert "| decode tok/s, fp32 |" in out and "mlx-vlm LLaVA" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["image_tokens"] == {"mm1": 4, "llava": 16}
+    assert set(results["decode"]) == {"mm1-mlx", "mlx-lm", "mm1-mlx 4-bit"}
+
+
+@pytest.mark.slow
+def test_training(tmp_path):
+    out = run_benchmark(
+        "training.py", "--tiny", "--rounds", "1", "--json", str(tmp_path / "r.json")
+    )
+    assert "| tokens/s |" in out and "MM1 step split" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert set(results["decoder"]) == {"mlx", "torch"}
+    assert all(side["tokens_per_s"] > 0 for side in results["decoder"].values())
+
+
+@pytest.mark.slow
+def test_demo_eval(tmp_path):
+    out = run_benchmark("demo_eval.py", "--n", "2", "--json", str(tmp_path / "r.json"))
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert list(results) == list(TASKS)
+    assert all(results[task][style]["n"] == 1 for task in TASKS for style in STYLES)
+    assert all(f"| {task} |" in out for task in TASKS)
+
+
+@pytest.mark.slow
+def test_encoder_probe():
+    out = run_benchmark("encoder_probe.py", str(DEMO_MODEL), "--n", "8")
+    header, _, row = out.strip().splitlines()[-3:]
+    assert header.startswith("| model | colour | kind |") and header.endswith("box error |")
+    assert row.startswith(f"| {DEMO_MODEL} |")
