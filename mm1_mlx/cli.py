@@ -229,6 +229,19 @@ def app_command(
     serve(model, host, port)
 
 
+RANKS = typer.Option(
+    min=1, help="Data-parallel ranks on this machine (each with its share of the cores)."
+)
+
+
+def run_as_ranks(ranks: int) -> None:
+    """With ranks > 1, this command runs again as that many ranks, and ends with them."""
+    from mm1_mlx.train.ranks import is_rank, run_ranks
+
+    if ranks > 1 and not is_rank():
+        raise typer.Exit(run_ranks(ranks))
+
+
 @contextmanager
 def interruption_reported() -> Iterator[None]:
     """Ctrl-C says where the run was saved (Typer alone would exit 130 without a word)."""
@@ -250,6 +263,7 @@ def train(
         list[str] | None,
         typer.Option("--set", help="Override a recipe value, e.g. --set train.steps=100."),
     ] = None,
+    ranks: Annotated[int, RANKS] = 1,
 ) -> None:
     """Pre-train, continue pre-training or fine-tune (full, LoRA, QLoRA) from a recipe."""
     from rich.progress import (
@@ -265,6 +279,7 @@ def train(
     from mm1_mlx.train.trainer import train as run
 
     settings = load_recipe(recipe, set_ or [], out)
+    run_as_ranks(ranks)
     columns = [
         TextColumn("[bold]train"),
         BarColumn(),
@@ -344,6 +359,7 @@ def data_dense_pretrain(
     resume: Annotated[
         bool, typer.Option(help="Continue the unfinished run checkpointed in OUT.partial.")
     ] = False,
+    ranks: Annotated[int, RANKS] = 1,
 ) -> None:
     """Pre-train the image encoder and connector on the synthetic world's per-token labels
     (what lies under each image token, and its box) before any language training."""
@@ -353,6 +369,7 @@ def data_dense_pretrain(
         typer.echo(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     settings = DenseSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    run_as_ranks(ranks)
     with interruption_reported():
         dense_pretrain(model, scenes, out, settings, force, report, resume)
     typer.echo(f"wrote {out}")

@@ -30,7 +30,8 @@ from mm1_mlx.loading import check_writable, load, resolve_path, save_model
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
 from mm1_mlx.train import synth
-from mm1_mlx.train.optim import clip_grad_norm, make_schedule
+from mm1_mlx.train.optim import compiled_update, make_schedule
+from mm1_mlx.train.ranks import init_group, sum_over_ranks
 from mm1_mlx.train.trainer import (
     checkpoint_dirs,
     restore_checkpoint,
@@ -137,22 +138,31 @@ class TileBatcher:
         self.processor = processor
         self.side = int(round(num_tokens**0.5))
 
-    def __call__(self, items: list[SceneImage]) -> TileBatch:
+    def targets(self, item: SceneImage) -> tuple[np.ndarray, np.ndarray]:
+        """The classes and boxes of the item's tiles' tokens, from the scene alone (the image
+        is not read: the scene has its size)."""
         config = self.processor.config.preprocess_config
-        pixels, classes, boxes = [], [], []
+        size = item.scene.size
+        (grid,) = self.processor.image_grids([size])
+        centres = cell_centres(size, grid, config.image_size, self.side, config.resize_mode)
+        return cell_targets(item.scene, centres)
+
+    def pixels(self, items: list[SceneImage]) -> mx.array:
+        tiles = []
         for item in items:
             image = load_image(str(item.path))
             (grid,) = self.processor.image_grids([image.size])
-            tiles, _ = self.processor.image_tiles(image, grid)
-            centres = cell_centres(
-                image.size, grid, config.image_size, self.side, config.resize_mode
-            )
-            tile_classes, tile_boxes = cell_targets(item.scene, centres)
-            pixels += tiles
-            classes.append(tile_classes)
-            boxes.append(tile_boxes)
+            tiles += self.processor.image_tiles(image, grid)[0]
+        return mx.array(np.stack(tiles))
+
+    def __call__(
+        self, items: list[SceneImage], targets: list[tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> TileBatch:
+        """The items' batch; `targets` when they are known already."""
+        targets = targets or [self.targets(item) for item in items]
+        classes, boxes = zip(*targets, strict=True)
         return (
-            mx.array(np.stack(pixels)),
+            self.pixels(items),
             mx.array(np.concatenate(classes)),
             mx.array(np.concatenate(boxes)),
         )
@@ -178,12 +188,18 @@ class DenseHeads(nn.Module):
 
 
 def dense_loss(
-    net: DenseHeads, pixels: mx.array, classes: mx.array, boxes: mx.array, box_weight: float
+    net: DenseHeads,
+    batch: TileBatch,
+    box_weight: float,
+    counts: tuple[float, float] | None = None,
 ) -> mx.array:
+    """The class and box losses of a batch; `counts` (cells on things, background cells) are
+    the whole global batch's when the batch is one rank's share of it."""
+    pixels, classes, boxes = batch
     logits, predicted = net(pixels)
     on_thing = (classes > 0).astype(mx.float32)
-    things = mx.maximum(on_thing.sum(), 1)
-    background = mx.maximum((1 - on_thing).sum(), 1)
+    counts = counts or (on_thing.sum(), (1 - on_thing).sum())
+    things, background = (mx.maximum(count, 1) for count in counts)
     # Three cells in four are background: averaged over all cells, "nothing" everywhere is a
     # good first answer and the things are learned slowly. Each half gets its own mean.
     cross_entropy = nn.losses.cross_entropy(logits, classes)
@@ -254,19 +270,26 @@ def dense_pretrain(
     if num_held_out < 1:
         raise UserError(f"{len(scenes)} scenes are too few to hold some out (5 at least)")
     train_items, held_out_items = scenes[:-num_held_out], scenes[-num_held_out:]
+    group = init_group()
+    batch_size = min(settings.batch_size, len(train_items))
+    if batch_size % group.size():
+        raise UserError(f"a batch of {batch_size} images does not split over {group.size()} ranks")
+    share = batch_size // group.size()
+    is_main = group.rank() == 0
     mx.random.seed(settings.seed)
     rng = random.Random(settings.seed)
     model, processor = load(model_path)
     net = DenseHeads(model)  # the decoder is not in it, so it gets no gradients
     batcher = TileBatcher(processor, model.config.num_image_tokens)
-    # Decoded once: the same scenes are scored every `validate_every` steps.
-    held_out = [batcher(held_out_items[k : k + 32]) for k in range(0, num_held_out, 32)]
+    # Decoded once: the same scenes are scored every `validate_every` steps (by rank 0).
+    chunks = range(0, num_held_out if is_main else 0, 32)
+    held_out = [batcher(held_out_items[k : k + 32]) for k in chunks]
     schedule = make_schedule(
         settings.lr, settings.steps, min(settings.warmup_steps, settings.steps)
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=settings.weight_decay)
     loss_and_grad = nn.value_and_grad(
-        net, lambda net, *batch: dense_loss(net, *batch, settings.box_weight)
+        net, lambda net, batch, counts: dense_loss(net, batch, settings.box_weight, counts)
     )
     start = 0
     if checkpoints:
@@ -274,22 +297,30 @@ def dense_pretrain(
         start, (version, internal, gauss) = state["step"], state["data"]["rng"]
         rng.setstate((version, tuple(internal), gauss))
     step = start
+    update = compiled_update(net, optimizer, grad_clip=1.0)
 
     def checkpoint() -> None:
-        save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
+        if is_main:
+            save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
 
     try:
         while step < settings.steps:
             with whole_step():
-                items = rng.sample(train_items, min(settings.batch_size, len(train_items)))
-                loss, grads = loss_and_grad(net, *batcher(items))
-                grads, _ = clip_grad_norm(grads, 1.0)
-                optimizer.update(net, grads)
+                # Every rank draws the same scenes; each decodes and runs its own share.
+                items = rng.sample(train_items, batch_size)
+                targets = [batcher.targets(item) for item in items]
+                on_things = sum(int((classes > 0).sum()) for classes, _ in targets)
+                cells = sum(classes.size for classes, _ in targets)
+                mine = slice(group.rank() * share, (group.rank() + 1) * share)
+                batch = batcher(items[mine], targets[mine])
+                loss, grads = loss_and_grad(net, batch, (on_things, cells - on_things))
+                loss, grads = sum_over_ranks((loss, grads), group)
+                update(grads)
                 mx.eval(loss, net.parameters(), optimizer.state)
                 step += 1
-            if step % settings.log_every == 0 or step == settings.steps:
+            if is_main and (step % settings.log_every == 0 or step == settings.steps):
                 report(step, {"loss": loss.item(), "lr": float(schedule(step))})
-            if step % settings.validate_every == 0 and step < settings.steps:
+            if is_main and step % settings.validate_every == 0 and step < settings.steps:
                 report(step, validate(net, held_out))
             if step % settings.checkpoint_every == 0:
                 checkpoint()
@@ -298,6 +329,8 @@ def dense_pretrain(
             checkpoint()
             raise KeyboardInterrupt(f"interrupted at step {step}; --resume continues") from None
         raise
+    if not is_main:
+        return {}
     metrics = validate(net, held_out)
     report(settings.steps, metrics)
     save_model(model, out, resolve_path(model_path), overwrite)

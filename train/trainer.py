@@ -33,13 +33,14 @@ from mm1_mlx.train.data import Batch, DataLoader
 from mm1_mlx.train.lora import apply_lora, fuse_lora
 from mm1_mlx.train.moe import RouterLosses
 from mm1_mlx.train.optim import (
-    clip_grad_norm,
+    compiled_update,
     count_parameters,
     freeze_modules,
     make_optimizer,
     make_schedule,
     mm1_peak_lr,
 )
+from mm1_mlx.train.ranks import init_group, sum_over_ranks
 from mm1_mlx.train.recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
@@ -141,27 +142,28 @@ def make_train_step(
         return training / total_weight + share * auxiliary, cross_entropy
 
     loss_and_grad = nn.value_and_grad(model, objective)
+    update = compiled_update(model, optimizer, settings.grad_clip)
 
     def step(batches: list[Batch]) -> tuple[float, float]:
-        """One optimizer step; returns (mean cross-entropy, gradient norm) over the global batch."""
-        local_weight = sum(float(b.weights.sum()) for b in batches)
-        total_weight = mx.distributed.all_sum(mx.array(local_weight), group=group).item()
-        if total_weight == 0:
-            raise UserError("a global batch has no loss tokens (check the data and masks)")
+        """One optimizer step; returns (mean cross-entropy, gradient norm) over the global batch.
+        The host waits once, for the update; the ranks exchange one weight and one gradient
+        message (per BUCKET_BYTES)."""
+        local_weight = mx.array(sum(float(b.weights.sum()) for b in batches))
+        total_weight = mx.distributed.all_sum(local_weight, group=group)
         share = 1.0 / (len(batches) * group.size())
         grads, cross_entropy = None, mx.array(0.0)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             (_, batch_ce), batch_grads = loss_and_grad(model, batch, total_weight, share)
             grads = batch_grads if grads is None else tree_map(mx.add, grads, batch_grads)
             cross_entropy = cross_entropy + batch_ce
-            mx.eval(grads, cross_entropy)
-        if group.size() > 1:
-            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
-            cross_entropy = mx.distributed.all_sum(cross_entropy, group=group)
-        grads, norm = clip_grad_norm(grads, settings.grad_clip or float("inf"))
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state, norm, cross_entropy)
-        return cross_entropy.item() / total_weight, norm.item()
+            if index < len(batches) - 1:  # keep one micro-batch's activations at a time
+                mx.eval(grads, cross_entropy)
+        grads, cross_entropy = sum_over_ranks((grads, cross_entropy), group)
+        norm = update(grads)
+        mx.eval(model.parameters(), optimizer.state, norm, cross_entropy, total_weight)
+        if total_weight.item() == 0:
+            raise UserError("a global batch has no loss tokens (check the data and masks)")
+        return cross_entropy.item() / total_weight.item(), norm.item()
 
     return step
 
@@ -313,7 +315,7 @@ class TrainResult:
 def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
     """Run the recipe. `reporter(step, metrics)` is called on rank 0 after every step (the
     CLI's progress bar)."""
-    group = mx.distributed.init()
+    group = init_group()
     is_main = group.rank() == 0
     out = Path(recipe.out)
     check_out(out, resume)

@@ -1,0 +1,134 @@
+"""Data-parallel ranks: starting them on this machine, finding the group, summing gradients.
+
+`mm1-mlx train RECIPE --ranks N` (and `data dense-pretrain --ranks N`) runs N ranks on this
+machine with MLX's ring backend over loopback. It starts them itself rather than through
+`mlx.launch`: that launcher relays the ranks' output by polling in a loop that never sleeps
+(a whole core, measured), which on a 2-core machine took half the compute from the ranks and
+made 2 ranks slower than one process. Here the ranks inherit the terminal and the launcher
+sleeps in `wait()`. For several machines use `mlx.launch` (its ring or MPI backends): the
+training code is the same, it only reads the group `mx.distributed.init()` returns.
+"""
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mm1_mlx.errors import UserError
+
+BUCKET_BYTES = 64 << 20  # gradients travel in messages of at most this size (one if smaller)
+STRAGGLER_S = 60.0  # after one rank fails, how long the others may take to end before a kill
+
+
+def is_rank() -> bool:
+    """True inside a rank that a launcher started (mlx.launch or `run_ranks`)."""
+    return "MLX_RANK" in os.environ
+
+
+def init_group() -> mx.distributed.Group:
+    """This process's group: all ranks when started as a rank, else a group of one."""
+    group = mx.distributed.init()
+    if is_rank() and group.size() == 1 and os.environ.get("MLX_HOSTFILE"):
+        raise UserError("started as a rank, but no distributed group could be formed")
+    return group
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports that were free a moment ago (the ranks bind them right away)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def rank_environment(rank: int, ranks: int, hostfile: Path) -> dict[str, str]:
+    env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+    # The machine's cores are shared out: N ranks each with all of them would oversubscribe.
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    env.setdefault("OPENBLAS_NUM_THREADS", threads)
+    return env
+
+
+def run_ranks(ranks: int, argv: list[str] | None = None) -> int:
+    """Run `python -m mm1_mlx ARGV` as `ranks` ranks on this machine; their exit code (the
+    first failure's, else 0). Ctrl-C reaches every rank from the terminal, and each ends its
+    step and saves; the launcher waits for them. If a rank fails on its own, the others
+    (blocked in a collective) are stopped."""
+    argv = sys.argv[1:] if argv is None else argv
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    ended: queue.Queue = queue.Queue()
+    with tempfile.TemporaryDirectory(prefix="mm1-ranks-") as folder:
+        hostfile = Path(folder) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
+        command = [sys.executable, "-m", "mm1_mlx", *argv]
+        processes = [  # rank 0 speaks for all; every rank's errors are shown
+            subprocess.Popen(
+                command,
+                env=rank_environment(rank, ranks, hostfile),
+                stdout=None if rank == 0 else subprocess.DEVNULL,
+            )
+            for rank in range(ranks)
+        ]
+        for process in processes:
+            threading.Thread(target=lambda p=process: ended.put(p.wait()), daemon=True).start()
+        try:
+            return wait_for_ranks(processes, ended, interrupted)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def wait_for_ranks(processes: list, ended: queue.Queue, interrupted: threading.Event) -> int:
+    codes = [ended.get()]
+    while len(codes) < len(processes):
+        failed = any(code != 0 for code in codes)
+        try:
+            codes.append(ended.get(timeout=STRAGGLER_S if failed else None))
+        except queue.Empty:  # a rank failed and the others are stuck waiting for it
+            for process in processes:
+                if process.poll() is None and not interrupted.is_set():
+                    process.kill()
+    return next((code for code in codes if code != 0), 0)
+
+
+def sum_over_ranks(tree, group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES):
+    """The arrays of `tree` summed elementwise over the group's ranks, sent as few, large
+    messages: arrays of one dtype are packed into flat buckets of at most `bucket_bytes`."""
+    if group.size() == 1:
+        return tree
+    leaves = tree_flatten(tree)
+    summed: dict[str, mx.array] = {}
+    bucket: list[tuple[str, mx.array]] = []
+
+    def send() -> None:
+        flat = mx.concatenate([array.reshape(-1) for _, array in bucket])
+        flat = mx.distributed.all_sum(flat, group=group)
+        offset = 0
+        for name, array in bucket:
+            summed[name] = flat[offset : offset + array.size].reshape(array.shape)
+            offset += array.size
+        bucket.clear()
+
+    for name, array in leaves:
+        if bucket and (
+            array.dtype != bucket[0][1].dtype
+            or sum(a.nbytes for _, a in bucket) + array.nbytes > bucket_bytes
+        ):
+            send()
+        bucket.append((name, array))
+    if bucket:
+        send()
+    return tree_unflatten([(name, summed[name]) for name, _ in leaves])
