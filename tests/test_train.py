@@ -191,13 +191,21 @@ def test_missing_recipe(tmp_path):
     assert code == 1 and "no such recipe" in err
 
 
+MLX_LAUNCH = "from mlx._distributed_utils.launch import main; main()"  # = mlx.launch
+LAUNCHERS = {
+    "--ranks": ([sys.executable, "-m", "mm1_mlx"], ["--ranks", "2"]),
+    "mlx.launch": ([sys.executable, "-c", MLX_LAUNCH, "--backend", "ring", "-n", "2",
+                    sys.executable, "-m", "mm1_mlx"], []),
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_with_the_same_global_batch(workdir):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(workdir, launcher):
     recipe = workdir / "tiny-pretrain.toml"
     single = train(load_recipe(recipe, ["train.steps=4"], out=workdir / "one"))
-    launch = "from mlx._distributed_utils.launch import main; main()"  # = mlx.launch
-    command = [sys.executable, "-c", launch, "--backend", "ring", "-n", "2", sys.executable]
-    command += ["-m", "mm1_mlx", "train", str(recipe), "--set", "train.steps=4"]
+    start, two_ranks = LAUNCHERS[launcher]
+    command = [*start, "train", str(recipe), "--set", "train.steps=4", *two_ranks]
     command += ["--out", str(workdir / "two")]
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     one, two = losses(single.out), losses(workdir / "two")

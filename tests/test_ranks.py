@@ -1,0 +1,88 @@
+"""Data-parallel ranks: the local launcher, the bucketed gradient sum, and 2 ranks training
+exactly like 1 (the trainer and dense pre-training)."""
+
+import json
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import mlx.core as mx
+import pytest
+from test_dense import write_scenes
+
+from mm1_mlx.loading import DEMO_MODEL
+from mm1_mlx.train import ranks
+
+SUM_CHECK = """
+import mm1_mlx
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mm1_mlx.train.ranks import init_group, sum_over_ranks
+group = init_group()
+r = group.rank() + 1
+tree = {"a": mx.arange(6.0).reshape(2, 3) * r, "b": [mx.ones(5, mx.float16) * r, mx.ones(()) * r],
+        "c": mx.full((4,), 2.0) * r}
+summed = sum_over_ranks(tree, group, bucket_bytes=24)  # a new bucket every 6 floats
+plain = {"a": mx.arange(6.0).reshape(2, 3) * 3, "b": [mx.ones(5, mx.float16) * 3, mx.ones(()) * 3],
+         "c": mx.full((4,), 6.0)}
+same = all(mx.array_equal(x, y).item() and x.dtype == y.dtype
+           for (_, x), (_, y) in zip(tree_flatten(summed), tree_flatten(plain)))
+print(group.size(), same)
+"""
+
+
+def test_sum_over_ranks_in_small_buckets_of_mixed_dtypes(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ranks.free_ports(2)]))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", SUM_CHECK],
+            env=ranks.rank_environment(rank, 2, hostfile),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [output.split() for output in outputs] == [["2", "True"]] * 2
+
+
+def test_a_group_of_one_sums_nothing():
+    tree = {"a": mx.ones(3)}
+    assert ranks.sum_over_ranks(tree, mx.distributed.init()) is tree
+
+
+def test_a_rank_that_fails_alone_stops_the_others(monkeypatch):
+    """The others would wait for it in a collective forever: after STRAGGLER_S they are killed,
+    and the failure's exit code is the launcher's."""
+    monkeypatch.setattr(ranks, "STRAGGLER_S", 0.5)
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    ended: queue.Queue = queue.Queue()
+    for process in (stuck, failing):
+        threading.Thread(target=lambda p=process: ended.put(p.wait()), daemon=True).start()
+    began = time.perf_counter()
+    assert ranks.wait_for_ranks([stuck, failing], ended, threading.Event()) == 3
+    assert stuck.poll() is not None and time.perf_counter() - began < 30
+
+
+@pytest.mark.slow
+def test_dense_pretraining_on_two_ranks_equals_one(tmp_path):
+    """The same last printed loss (4 digits) and weights (to float rounding): the ranks sum
+    their halves of a loss normalised by the whole batch's counts."""
+    write_scenes(tmp_path / "data", 12)
+    common = [str(DEMO_MODEL), "--scenes", str(tmp_path / "data" / "scenes.jsonl")]
+    common += ["--steps", "3", "--batch-size", "4"]
+    losses = []
+    for count in (1, 2):
+        command = [sys.executable, "-m", "mm1_mlx", "data", "dense-pretrain", *common]
+        command += ["--out", str(tmp_path / f"out{count}"), "--ranks", str(count)]
+        result = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+        losses.append(float(re.search(r"step 3: loss (\S+)", result.stdout).group(1)))
+    assert losses[0] == losses[1]
+    one, two = (mx.load(str(tmp_path / f"out{n}" / "model.safetensors")) for n in (1, 2))
+    assert one.keys() == two.keys()
+    assert all(mx.allclose(one[name], two[name], rtol=1e-4, atol=1e-5).item() for name in one)
