@@ -1,11 +1,15 @@
-"""Training throughput: mm1-mlx vs PyTorch (transformers) on the same small decoder, CPU fp32,
-and the whole MM1 model's step time split into vision, connector and decoder.
+"""Training throughput: mm1-mlx in one process and on 2 ranks vs PyTorch (transformers) on the
+same small decoder, CPU fp32, and the whole MM1 model's step time split into vision, connector
+and decoder.
 
-    python benchmarks/training.py [--quick | --tiny] [--json PATH]
+    python benchmarks/training.py [--quick | --tiny] [--rounds 2] [--json PATH]
 
-Each framework runs in its own process (so each peak RSS is its own), alternating rounds,
-and the medians are compared. Both train the same Llama configuration with AdamW on random
-tokens; mm1-mlx runs its own training step (mm1_mlx.train.trainer.make_train_step).
+Each side runs in processes of its own (so each peak RSS is its own), the sides alternating
+round by round, and the medians are compared. All train the same Llama configuration with AdamW
+on the same global batch of random tokens: mm1-mlx with its own training step
+(mm1_mlx.train.trainer.make_train_step) in one process with its default threads, and as 2 ranks
+started by its `--ranks` launcher (each rank half the rows, one BLAS thread each on a 2-core
+machine); PyTorch with its default threads.
 """
 
 import argparse
@@ -13,6 +17,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 DECODER = dict(
@@ -30,6 +35,11 @@ QUICK = dict(DECODER, hidden_size=256, intermediate_size=704, num_hidden_layers=
 # Seconds, not a measurement: the test suite's smoke test of this script.
 TINY = dict(DECODER, hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=512)
 DECODERS = {"full": DECODER, "quick": QUICK, "tiny": TINY}
+SIDES = {
+    "mlx": "mm1-mlx, 1 process",
+    "mlx-2": "mm1-mlx, 2 ranks (--ranks 2)",
+    "torch": "PyTorch (transformers)",
+}
 # The MM1 step split: ViT width and layers, connector width, images of 224 px, sequence length.
 SPLITS = {
     "full": (768, 12, 1024, 4, 512),
@@ -66,19 +76,24 @@ def measure_mlx(config: dict, batch: int, seq_len: int, steps: int) -> dict:
 
     from mm1_mlx.train.data import Batch
     from mm1_mlx.train.optim import make_optimizer, make_schedule
+    from mm1_mlx.train.ranks import init_group
     from mm1_mlx.train.trainer import make_train_step
 
+    group = init_group()  # with --ranks: this rank's rows of the same global batch
     model = tiny_mm1(dict(config, model_type="llama"))
     mx.eval(model.parameters())
     recipe = benchmark_recipe()
     optimizer = make_optimizer(model, "adamw", make_schedule(1e-4, 1000), betas=(0.9, 0.95))
-    step_fn = make_train_step(model, optimizer, recipe, mx.distributed.init(), smoothing=None)
+    step_fn = make_train_step(model, optimizer, recipe, group, smoothing=None)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config["vocab_size"], (batch, seq_len + 1)).astype(np.int32)
-    lengths = np.full(batch, seq_len, np.int32)
-    data = Batch(ids[:, :-1], ids[:, 1:], np.ones((batch, seq_len), np.float32), None, lengths)
+    rows = batch // group.size()
+    ids = ids[group.rank() * rows : (group.rank() + 1) * rows]
+    lengths = np.full(rows, seq_len, np.int32)
+    data = Batch(ids[:, :-1], ids[:, 1:], np.ones((rows, seq_len), np.float32), None, lengths)
     result = time_steps(lambda: step_fn([data]), steps, batch * seq_len)
-    result["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    # The ranks' memory together, as one process's is compared with it.
+    result["peak_rss_gb"] = mx.distributed.all_sum(result["peak_rss_gb"], group=group).item()
     return result
 
 
@@ -169,10 +184,21 @@ def split_mm1_step(size: str) -> dict:
     return {"shape": shape, **{k: {"s": v, "share": v / total} for k, v in times.items()}}
 
 
-def run_child(framework: str, size: str) -> dict:
+def run_child(side: str, size: str) -> dict:
+    """One side's measurement in processes of its own: "mlx" and "torch" in one process with
+    their default threads, "mlx-2" as two ranks (mm1-mlx's --ranks launcher)."""
+    from mm1_mlx.train.ranks import run_ranks
+
+    framework = "torch" if side == "torch" else "mlx"
     command = [sys.executable, __file__, "--child", framework, "--size", size]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out:
+        code = (
+            run_ranks(2, command, out) if side == "mlx-2" else subprocess.call(command, stdout=out)
+        )
+        if code:
+            raise SystemExit(f"{side} failed (exit code {code})")
+        out.seek(0)
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -195,34 +221,35 @@ def main() -> None:
         print(json.dumps(measure(config, batch, seq_len, steps)))
         return
 
-    rounds = {"mlx": [], "torch": []}
-    for _ in range(args.rounds):
-        for framework in rounds:
-            rounds[framework].append(run_child(framework, size))
+    rounds = {side: [] for side in SIDES}
+    for index in range(args.rounds):  # alternating order, so no side always follows another
+        for side in list(SIDES) if index % 2 == 0 else list(SIDES)[::-1]:
+            rounds[side].append(run_child(side, size))
     summary = {
         name: {key: statistics.median(r[key] for r in results) for key in results[0]}
         for name, results in rounds.items()
     }
     split = split_mm1_step(size)
-    ratio = summary["mlx"]["tokens_per_s"] / summary["torch"]["tokens_per_s"]
     shape = f"Llama {config['num_hidden_layers']} layers x {config['hidden_size']}, vocab "
-    shape += f"{config['vocab_size']}; batch {batch} x {seq_len} tokens; AdamW; fp32 CPU"
+    shape += f"{config['vocab_size']}; batch {batch} x {seq_len} tokens; AdamW; fp32 CPU; "
+    shape += f"medians of {args.rounds} rounds"
     print(f"Training step, {shape}")
-    print("| | mm1-mlx | PyTorch (transformers) | ratio |")
-    print("|---|---|---|---|")
-    mlx_, torch_ = summary["mlx"], summary["torch"]
-    print(
-        f"| tokens/s | {mlx_['tokens_per_s']:.0f} | {torch_['tokens_per_s']:.0f} | {ratio:.2f}x |"
-    )
-    print(f"| step time | {mlx_['step_s']:.2f} s | {torch_['step_s']:.2f} s | |")
-    print(f"| peak RSS | {mlx_['peak_rss_gb']:.2f} GB | {torch_['peak_rss_gb']:.2f} GB | |")
+    print("| | " + " | ".join(SIDES.values()) + " |")
+    print("|---|" + "---|" * len(SIDES))
+    rows = [("tokens/s", "tokens_per_s", ".0f", ""), ("step time", "step_s", ".2f", " s")]
+    rows.append(("peak RSS (all processes)", "peak_rss_gb", ".2f", " GB"))
+    for label, key, fmt, unit in rows:
+        print(f"| {label} | " + " | ".join(f"{summary[s][key]:{fmt}}{unit}" for s in SIDES) + " |")
+    baseline = summary["mlx"]["tokens_per_s"]
+    print("| tokens/s / mm1-mlx 1 process | " + " | ".join(
+        f"{summary[s]['tokens_per_s'] / baseline:.2f}x" for s in SIDES) + " |")  # fmt: skip
     print(f"\nMM1 step split ({split['shape']}):")
     for part in ("vision", "connector", "decoder"):
         print(f"  {part:9s} {split[part]['s']:.3f} s ({split[part]['share']:.0%})")
     print(f"\ncommand: python benchmarks/training.py{'' if size == 'full' else ' --' + size}")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"decoder": summary, "ratio": ratio, "mm1_split": split}, file, indent=2)
+            json.dump({"decoder": summary, "mm1_split": split}, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def run_benchmark(name: str, *args: str) -> str:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = ["demo_eval", "encoder_probe", "inference", "openblas_matmul", "training"]
+    tested = ["demo_eval", "demo_training", "encoder_probe", "inference", "openblas_matmul"]
+    tested.append("training")
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
 
 
@@ -51,7 +52,7 @@ def test_training(tmp_path):
     )
     assert "| tokens/s |" in out and "MM1 step split" in out
     results = json.loads((tmp_path / "r.json").read_text())
-    assert set(results["decoder"]) == {"mlx", "torch"}
+    assert set(results["decoder"]) == {"mlx", "mlx-2", "torch"}
     assert all(side["tokens_per_s"] > 0 for side in results["decoder"].values())
 
 
@@ -70,3 +71,11 @@ def test_encoder_probe():
     header, _, row = out.strip().splitlines()[-3:]
     assert header.startswith("| model | colour | kind |") and header.endswith("box error |")
     assert row.startswith(f"| {DEMO_MODEL} |")
+
+
+@pytest.mark.slow
+def test_demo_training(tmp_path):
+    out = run_benchmark("demo_training.py", "--tiny", "--json", str(tmp_path / "r.json"))
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert len(results) == 3 and all(set(r) == {"1 process", "2 ranks"} for r in results.values())
+    assert "| SFT (tokens/s) |" in out

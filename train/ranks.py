@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import IO
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -62,24 +63,24 @@ def rank_environment(rank: int, ranks: int, hostfile: Path) -> dict[str, str]:
     return env
 
 
-def run_ranks(ranks: int, argv: list[str] | None = None) -> int:
-    """Run `python -m mm1_mlx ARGV` as `ranks` ranks on this machine; their exit code (the
-    first failure's, else 0). Ctrl-C reaches every rank from the terminal, and each ends its
-    step and saves; the launcher waits for them. If a rank fails on its own, the others
-    (blocked in a collective) are stopped."""
-    argv = sys.argv[1:] if argv is None else argv
+def run_ranks(ranks: int, command: list[str] | None = None, stdout: IO | None = None) -> int:
+    """Run `command` (default: this `mm1-mlx` command again) as `ranks` ranks on this machine;
+    their exit code (the first failure's, else 0). Rank 0 writes to `stdout` (default: this
+    terminal), the others' output is dropped; every rank's errors are shown. Ctrl-C reaches
+    every rank from the terminal, and each ends its step and saves; the launcher waits for
+    them. If a rank fails on its own, the others (blocked in a collective) are stopped."""
+    command = command or [sys.executable, "-m", "mm1_mlx", *sys.argv[1:]]
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     ended: queue.Queue = queue.Queue()
     with tempfile.TemporaryDirectory(prefix="mm1-ranks-") as folder:
         hostfile = Path(folder) / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
-        command = [sys.executable, "-m", "mm1_mlx", *argv]
-        processes = [  # rank 0 speaks for all; every rank's errors are shown
+        processes = [
             subprocess.Popen(
                 command,
                 env=rank_environment(rank, ranks, hostfile),
-                stdout=None if rank == 0 else subprocess.DEVNULL,
+                stdout=stdout if rank == 0 else subprocess.DEVNULL,
             )
             for rank in range(ranks)
         ]

@@ -1,0 +1,114 @@
+"""Training throughput of the demo recipe's stages: one process vs `--ranks 2`, side by side.
+
+    python benchmarks/demo_training.py [--images 600] [--steps 8] [--rounds 2] [--tiny]
+
+Builds a small copy of the demo recipe's world in a temporary folder (`data synth` with both
+seeds, the tokenizer, `init`), then runs each stage as build.sh does, through the CLI, for a
+few steps with 1 process (default threads) and with 2 ranks, alternating round by round:
+- dense pre-training (`data dense-pretrain`, 32 images a step): images/s from the wall time
+  of a run of 2 x steps less a run of `steps` (start-up and validation cancel out);
+- pre-training and SFT (`train pretrain.toml` / `sft.toml`, from the untrained model: the speed
+  does not depend on the weights): tokens/s, the median of each run's steps after the first two
+  (from metrics.jsonl).
+Prints each stage's medians and the ratio 2 ranks / 1 process.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parent.parent / "train" / "recipes" / "demo"
+SETTINGS = ("1 process", "2 ranks")
+
+
+def cli(*args: str, cwd: Path) -> float:
+    """Run `mm1-mlx ARGS` in `cwd`; its wall time in seconds."""
+    began = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "mm1_mlx", *args], cwd=cwd, check=True, capture_output=True
+    )
+    return time.perf_counter() - began
+
+
+def build_world(work: Path, images: int) -> None:
+    for name in ("config.json", "pretrain.toml", "sft.toml"):
+        shutil.copy(RECIPE / name, work / name)
+    for half, seed in (("data-a", "1"), ("data-b", "2")):
+        cli("data", "synth", "--out", half, "--n", str(images), "--seed", seed,
+            "--eval-per-task", "0", cwd=work)  # fmt: skip
+    files = [f"data-a/{name}.jsonl" for name in ("captions", "interleaved", "text", "chat")]
+    cli("data", "tokenizer", *files, "--out", "tokenizer", cwd=work)
+    cli("init", "config.json", "--tokenizer", "tokenizer", "--out", "base", "--smooth-numbers",
+        cwd=work)  # fmt: skip
+
+
+def dense_images_per_s(work: Path, ranks: int, steps: int) -> float:
+    batch = 32
+
+    def run(count: int) -> float:
+        out = work / f"dense-{ranks}-{count}"
+        seconds = cli("data", "dense-pretrain", "base", "--scenes", "data-a/scenes.jsonl",
+                      "--scenes", "data-b/scenes.jsonl", "--out", str(out), "--steps",
+                      str(count), "--batch-size", str(batch), "--ranks", str(ranks),
+                      cwd=work)  # fmt: skip
+        shutil.rmtree(out)
+        return seconds
+
+    return steps * batch / (run(2 * steps) - run(steps))
+
+
+def train_tokens_per_s(work: Path, stage: str, ranks: int, steps: int) -> float:
+    out = work / f"{stage}-{ranks}"
+    cli("train", f"{stage}.toml", "--out", str(out), "--ranks", str(ranks),
+        "--set", "model=base", "--set", f"train.steps={steps + 2}", "--set", "log.every=1",
+        "--set", f"checkpoint.every={steps + 2}", cwd=work)  # fmt: skip
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    speeds = [json.loads(line)["tokens_per_s"] for line in lines[2:]]
+    shutil.rmtree(out)
+    return statistics.median(speeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=600, help="synthetic images per seed")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="seconds: a smoke test, no result")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.tiny:
+        args.images, args.steps, args.rounds = 40, 1, 1
+    stages = {
+        "dense pre-training (images/s)": lambda w, r: dense_images_per_s(w, r, args.steps),
+        "pre-training (tokens/s)": lambda w, r: train_tokens_per_s(w, "pretrain", r, args.steps),
+        "SFT (tokens/s)": lambda w, r: train_tokens_per_s(w, "sft", r, args.steps),
+    }
+    results = {stage: {setting: [] for setting in SETTINGS} for stage in stages}
+    with tempfile.TemporaryDirectory(prefix="mm1-demo-bench-") as folder:
+        work = Path(folder)
+        build_world(work, args.images)
+        for index in range(args.rounds):  # alternating order
+            for stage, measure in stages.items():
+                order = SETTINGS if index % 2 == 0 else SETTINGS[::-1]
+                for setting in order:
+                    ranks = 1 if setting == "1 process" else 2
+                    results[stage][setting].append(measure(work, ranks))
+    print(f"| stage | {' | '.join(SETTINGS)} | 2 ranks / 1 process |")
+    print("|---|---|---|---|")
+    for stage, runs in results.items():
+        one, two = (statistics.median(runs[setting]) for setting in SETTINGS)
+        print(f"| {stage} | {one:.0f} | {two:.0f} | {two / one:.2f}x |")
+    print(f"\ncommand: python benchmarks/demo_training.py --steps {args.steps} --rounds "
+          f"{args.rounds}{' --tiny' if args.tiny else ''}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
