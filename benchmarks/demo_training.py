@@ -30,9 +30,11 @@ SETTINGS = ("1 process", "2 ranks")
 def cli(*args: str, cwd: Path) -> float:
     """Run `mm1-mlx ARGS` in `cwd`; its wall time in seconds."""
     began = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "mm1_mlx", *args], cwd=cwd, check=True, capture_output=True
+    result = subprocess.run(
+        [sys.executable, "-m", "mm1_mlx", *args], cwd=cwd, capture_output=True, text=True
     )
+    if result.returncode:
+        raise SystemExit(f"mm1-mlx {' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return time.perf_counter() - began
 
 
@@ -67,7 +69,8 @@ def train_tokens_per_s(work: Path, stage: str, ranks: int, steps: int) -> float:
     out = work / f"{stage}-{ranks}"
     cli("train", f"{stage}.toml", "--out", str(out), "--ranks", str(ranks),
         "--set", "model=base", "--set", f"train.steps={steps + 2}", "--set", "log.every=1",
-        "--set", f"checkpoint.every={steps + 2}", cwd=work)  # fmt: skip
+        "--set", f"checkpoint.every={steps + 2}", "--set", "optimizer.warmup_steps=1",
+        cwd=work)  # fmt: skip
     lines = (out / "metrics.jsonl").read_text().splitlines()
     speeds = [json.loads(line)["tokens_per_s"] for line in lines[2:]]
     shutil.rmtree(out)

@@ -289,7 +289,7 @@ def train(
         TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, transient=False, auto_refresh=False) as progress:
         task = progress.add_task("train", total=settings.train.steps, status="")
 
         def report(step: int, values: dict) -> None:
@@ -297,7 +297,7 @@ def train(
             status += f"{values['tokens_per_s']:.0f} tok/s"
             if "val_loss" in values:
                 status += f"  val {values['val_loss']:.4f}"
-            progress.update(task, completed=step, status=status)
+            progress.update(task, completed=step, status=status, refresh=True)
 
         with interruption_reported():
             result = run(settings, resume=resume, reporter=report)
