@@ -5,8 +5,8 @@
 Builds a small copy of the demo recipe's world in a temporary folder (`data synth` with both
 seeds, the tokenizer, `init`), then runs each stage as build.sh does, through the CLI, for a
 few steps with 1 process (default threads) and with 2 ranks, alternating round by round:
-- dense pre-training (`data dense-pretrain`, 32 images a step): images/s from the wall time
-  of a run of 2 x steps less a run of `steps` (start-up and validation cancel out);
+- dense pre-training (`data dense-pretrain`, 32 images a step): images/s over the second half
+  of a run of 2 x steps, as its progress line reports it;
 - pre-training and SFT (`train pretrain.toml` / `sft.toml`, from the untrained model: the speed
   does not depend on the weights): tokens/s, the median of each run's steps after the first two
   (from metrics.jsonl).
@@ -15,27 +15,26 @@ Prints each stage's medians and the ratio 2 ranks / 1 process.
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent.parent / "train" / "recipes" / "demo"
 SETTINGS = ("1 process", "2 ranks")
 
 
-def cli(*args: str, cwd: Path) -> float:
-    """Run `mm1-mlx ARGS` in `cwd`; its wall time in seconds."""
-    began = time.perf_counter()
+def cli(*args: str, cwd: Path) -> str:
+    """Run `mm1-mlx ARGS` in `cwd`; its standard output."""
     result = subprocess.run(
         [sys.executable, "-m", "mm1_mlx", *args], cwd=cwd, capture_output=True, text=True
     )
     if result.returncode:
         raise SystemExit(f"mm1-mlx {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return time.perf_counter() - began
+    return result.stdout
 
 
 def build_world(work: Path, images: int) -> None:
@@ -51,18 +50,14 @@ def build_world(work: Path, images: int) -> None:
 
 
 def dense_images_per_s(work: Path, ranks: int, steps: int) -> float:
-    batch = 32
-
-    def run(count: int) -> float:
-        out = work / f"dense-{ranks}-{count}"
-        seconds = cli("data", "dense-pretrain", "base", "--scenes", "data-a/scenes.jsonl",
-                      "--scenes", "data-b/scenes.jsonl", "--out", str(out), "--steps",
-                      str(count), "--batch-size", str(batch), "--ranks", str(ranks),
-                      cwd=work)  # fmt: skip
-        shutil.rmtree(out)
-        return seconds
-
-    return steps * batch / (run(2 * steps) - run(steps))
+    """Images/s over the second `steps` of 2 x steps (what the last progress line reports)."""
+    out = work / f"dense-{ranks}"
+    printed = cli("data", "dense-pretrain", "base", "--scenes", "data-a/scenes.jsonl",
+                  "--scenes", "data-b/scenes.jsonl", "--out", str(out), "--steps",
+                  str(2 * steps), "--log-every", str(steps), "--batch-size", "32",
+                  "--ranks", str(ranks), cwd=work)  # fmt: skip
+    shutil.rmtree(out)
+    return float(re.findall(r"images_per_s (\S+)", printed)[-1])
 
 
 def train_tokens_per_s(work: Path, stage: str, ranks: int, steps: int) -> float:

@@ -234,10 +234,12 @@ RANKS = typer.Option(
 )
 
 
-def run_as_ranks(ranks: int) -> None:
+def run_as_ranks(ranks: int, batch_size: int) -> None:
     """With ranks > 1, this command runs again as that many ranks, and ends with them."""
     from mm1_mlx.train.ranks import is_rank, run_ranks
 
+    if batch_size % ranks:
+        raise UserError(f"a batch of {batch_size} does not split evenly over {ranks} ranks")
     if ranks > 1 and not is_rank():
         raise typer.Exit(run_ranks(ranks))
 
@@ -279,7 +281,7 @@ def train(
     from mm1_mlx.train.trainer import train as run
 
     settings = load_recipe(recipe, set_ or [], out)
-    run_as_ranks(ranks)
+    run_as_ranks(ranks, settings.data.batch_size)
     columns = [
         TextColumn("[bold]train"),
         BarColumn(),
@@ -355,6 +357,9 @@ def data_dense_pretrain(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 16,
     lr: Annotated[float, typer.Option(min=0, help="Peak learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    log_every: Annotated[
+        int, typer.Option(min=1, help="Print loss, learning rate and images/s every N steps.")
+    ] = 25,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue the unfinished run checkpointed in OUT.partial.")
@@ -368,8 +373,10 @@ def data_dense_pretrain(
     def report(step: int, values: dict) -> None:
         typer.echo(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
-    settings = DenseSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    run_as_ranks(ranks)
+    settings = DenseSettings(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=log_every
+    )
+    run_as_ranks(ranks, batch_size)
     with interruption_reported():
         dense_pretrain(model, scenes, out, settings, force, report, resume)
     typer.echo(f"wrote {out}")

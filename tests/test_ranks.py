@@ -2,8 +2,10 @@
 exactly like 1 (the trainer and dense pre-training)."""
 
 import json
+import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -11,7 +13,9 @@ import time
 
 import mlx.core as mx
 import pytest
+from helpers import run_cli
 from test_dense import write_scenes
+from test_train import prepared_workdir
 
 from mm1_mlx.loading import DEMO_MODEL
 from mm1_mlx.train import ranks
@@ -86,3 +90,42 @@ def test_dense_pretraining_on_two_ranks_equals_one(tmp_path):
     one, two = (mx.load(str(tmp_path / f"out{n}" / "model.safetensors")) for n in (1, 2))
     assert one.keys() == two.keys()
     assert all(mx.allclose(one[name], two[name], rtol=1e-4, atol=1e-5).item() for name in one)
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_every_rank_and_the_run_resumes(tmp_path, tiny_model_dir):
+    """As a terminal's Ctrl-C does: SIGINT to the launcher's whole process group. Every rank
+    ends its step, rank 0 saves, the launcher waits for them and exits 130; --resume on 2
+    ranks continues."""
+    workdir = prepared_workdir(tmp_path, tiny_model_dir)
+    command = [sys.executable, "-m", "mm1_mlx", "train", str(workdir / "tiny-pretrain.toml")]
+    command += ["--ranks", "2", "--out", str(workdir / "run"), "--set", "log.every=1"]
+    launcher = subprocess.Popen(
+        [*command, "--set", "train.steps=1000"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = workdir / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+        time.sleep(0.2)
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 130, err
+    saved = re.search(r"interrupted at step (\d+); saved", err)
+    assert saved, err
+    step = int(saved.group(1))
+    assert (workdir / "run" / "checkpoints" / f"step-{step:07d}").is_dir()
+    resumed = [*command, "--resume", "--set", f"train.steps={step + 1}"]
+    subprocess.run(resumed, check=True, capture_output=True, timeout=300)
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["step"] == step + 1
+
+
+def test_ranks_must_split_the_batch(tmp_path, tiny_model_dir):
+    workdir = prepared_workdir(tmp_path, tiny_model_dir)
+    code, _, err = run_cli("train", str(workdir / "tiny-pretrain.toml"), "--ranks", "3")
+    assert code == 1 and err == "error: a batch of 4 does not split evenly over 3 ranks\n", err

@@ -24,14 +24,18 @@ from mm1_mlx.train.trainer import train, whole_step
 RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 
 
+def prepared_workdir(folder: Path, model_dir: Path) -> Path:
+    """A folder as a user has it: the tiny recipes, a model folder and data beside them."""
+    shutil.copytree(model_dir, folder / "model")
+    for name in ("tiny-pretrain.toml", "tiny-sft.toml"):
+        shutil.copy(RECIPES / name, folder / name)
+    make_dataset(folder / "data")
+    return folder
+
+
 @pytest.fixture
 def workdir(tmp_path, tiny_model_dir):
-    """A folder as a user has it: the tiny recipes, a model folder and data beside them."""
-    shutil.copytree(tiny_model_dir, tmp_path / "model")
-    for name in ("tiny-pretrain.toml", "tiny-sft.toml"):
-        shutil.copy(RECIPES / name, tmp_path / name)
-    make_dataset(tmp_path / "data")
-    return tmp_path
+    return prepared_workdir(tmp_path, tiny_model_dir)
 
 
 def losses(out: Path) -> dict[int, float]:

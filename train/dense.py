@@ -15,6 +15,7 @@ maps back to the image: tile pixel -> canvas -> image pixel (`cell_centres`).
 import json
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +304,7 @@ def dense_pretrain(
         if is_main:
             save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
 
+    logged_step, logged_at = step, time.perf_counter()
     try:
         while step < settings.steps:
             with whole_step():
@@ -319,7 +321,12 @@ def dense_pretrain(
                 mx.eval(loss, net.parameters(), optimizer.state)
                 step += 1
             if is_main and (step % settings.log_every == 0 or step == settings.steps):
-                report(step, {"loss": loss.item(), "lr": float(schedule(step))})
+                now = time.perf_counter()
+                speed = batch_size * (step - logged_step) / (now - logged_at)
+                logged_step, logged_at = step, now
+                report(
+                    step, {"loss": loss.item(), "lr": float(schedule(step)), "images_per_s": speed}
+                )
             if is_main and step % settings.validate_every == 0 and step < settings.steps:
                 report(step, validate(net, held_out))
             if step % settings.checkpoint_every == 0:
