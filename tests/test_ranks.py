@@ -93,13 +93,20 @@ def test_dense_pretraining_on_two_ranks_equals_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_reaches_every_rank_and_the_run_resumes(tmp_path, tiny_model_dir):
-    """As a terminal's Ctrl-C does: SIGINT to the launcher's whole process group. Every rank
-    ends its step, rank 0 saves, the launcher waits for them and exits 130; --resume on 2
-    ranks continues."""
+@pytest.mark.parametrize(
+    "ranks, stop",
+    [
+        (2, "SIGINT to the process group"),  # Ctrl-C in a terminal
+        (2, "SIGTERM to the launcher"),  # a scheduler, a closing laptop
+        (1, "SIGTERM to the launcher"),
+    ],
+)
+def test_a_stopped_run_saves_and_resumes(tmp_path, tiny_model_dir, ranks, stop):
+    """Every rank ends its step, rank 0 saves, the launcher waits for them and exits 130;
+    --resume continues."""
     workdir = prepared_workdir(tmp_path, tiny_model_dir)
     command = [sys.executable, "-m", "mm1_mlx", "train", str(workdir / "tiny-pretrain.toml")]
-    command += ["--ranks", "2", "--out", str(workdir / "run"), "--set", "log.every=1"]
+    command += ["--ranks", str(ranks), "--out", str(workdir / "run"), "--set", "log.every=1"]
     launcher = subprocess.Popen(
         [*command, "--set", "train.steps=1000"],
         start_new_session=True,
@@ -112,7 +119,10 @@ def test_ctrl_c_reaches_every_rank_and_the_run_resumes(tmp_path, tiny_model_dir)
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
         time.sleep(0.2)
-    os.killpg(launcher.pid, signal.SIGINT)
+    if stop.startswith("SIGINT"):
+        os.killpg(launcher.pid, signal.SIGINT)
+    else:
+        launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 130, err
     saved = re.search(r"interrupted at step (\d+); saved", err)

@@ -19,7 +19,7 @@ import mm1_mlx
 from mm1_mlx.generate import generate
 from mm1_mlx.train import trainer
 from mm1_mlx.train.recipe import load_recipe
-from mm1_mlx.train.trainer import train, whole_step
+from mm1_mlx.train.trainer import stops_save, train, whole_step
 
 RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 
@@ -70,6 +70,15 @@ def test_ctrl_c_inside_a_step_takes_effect_when_the_step_ends():
             finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_between_steps_stops_the_run_as_ctrl_c_does():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with stops_save():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_resume_reproduces_the_uninterrupted_run(workdir):

@@ -37,6 +37,7 @@ from mm1_mlx.train.trainer import (
     checkpoint_dirs,
     restore_checkpoint,
     save_checkpoint,
+    stops_save,
     whole_step,
 )
 
@@ -306,31 +307,33 @@ def dense_pretrain(
 
     logged_step, logged_at = step, time.perf_counter()
     try:
-        while step < settings.steps:
-            with whole_step():
-                # Every rank draws the same scenes; each decodes and runs its own share.
-                items = rng.sample(train_items, batch_size)
-                targets = [batcher.targets(item) for item in items]
-                on_things = sum(int((classes > 0).sum()) for classes, _ in targets)
-                cells = sum(classes.size for classes, _ in targets)
-                mine = slice(group.rank() * share, (group.rank() + 1) * share)
-                batch = batcher(items[mine], targets[mine])
-                loss, grads = loss_and_grad(net, batch, (on_things, cells - on_things))
-                loss, grads = sum_over_ranks((loss, grads), group)
-                update(grads)
-                mx.eval(loss, net.parameters(), optimizer.state)
-                step += 1
-            if is_main and (step % settings.log_every == 0 or step == settings.steps):
-                now = time.perf_counter()
-                speed = batch_size * (step - logged_step) / (now - logged_at)
-                logged_step, logged_at = step, now
-                report(
-                    step, {"loss": loss.item(), "lr": float(schedule(step)), "images_per_s": speed}
-                )
-            if is_main and step % settings.validate_every == 0 and step < settings.steps:
-                report(step, validate(net, held_out))
-            if step % settings.checkpoint_every == 0:
-                checkpoint()
+        with stops_save():
+            while step < settings.steps:
+                with whole_step():
+                    # Every rank draws the same scenes; each decodes and runs its own share.
+                    items = rng.sample(train_items, batch_size)
+                    targets = [batcher.targets(item) for item in items]
+                    on_things = sum(int((classes > 0).sum()) for classes, _ in targets)
+                    cells = sum(classes.size for classes, _ in targets)
+                    mine = slice(group.rank() * share, (group.rank() + 1) * share)
+                    batch = batcher(items[mine], targets[mine])
+                    loss, grads = loss_and_grad(net, batch, (on_things, cells - on_things))
+                    loss, grads = sum_over_ranks((loss, grads), group)
+                    update(grads)
+                    mx.eval(loss, net.parameters(), optimizer.state)
+                    step += 1
+                if is_main and (step % settings.log_every == 0 or step == settings.steps):
+                    now = time.perf_counter()
+                    speed = batch_size * (step - logged_step) / (now - logged_at)
+                    logged_step, logged_at = step, now
+                    report(
+                        step,
+                        {"loss": loss.item(), "lr": float(schedule(step)), "images_per_s": speed},
+                    )
+                if is_main and step % settings.validate_every == 0 and step < settings.steps:
+                    report(step, validate(net, held_out))
+                if step % settings.checkpoint_every == 0:
+                    checkpoint()
     except KeyboardInterrupt:
         if step > start:
             checkpoint()

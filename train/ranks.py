@@ -67,16 +67,27 @@ def run_ranks(ranks: int, command: list[str] | None = None, stdout: IO | None = 
     """Run `command` (default: this `mm1-mlx` command again) as `ranks` ranks on this machine;
     their exit code (the first failure's, else 0). Rank 0 writes to `stdout` (default: this
     terminal), the others' output is dropped; every rank's errors are shown. Ctrl-C reaches
-    every rank from the terminal, and each ends its step and saves; the launcher waits for
-    them. If a rank fails on its own, the others (blocked in a collective) are stopped."""
+    every rank from the terminal, SIGTERM is passed on to them, and each ends its step and
+    saves; the launcher waits for them. If a rank fails on its own, the others (blocked in a
+    collective) are stopped."""
     command = command or [sys.executable, "-m", "mm1_mlx", *sys.argv[1:]]
     interrupted = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    processes: list[subprocess.Popen] = []
+
+    def terminate(*_) -> None:  # SIGTERM is sent to the launcher alone: pass it on
+        interrupted.set()
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: interrupted.set()),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+    }
     ended: queue.Queue = queue.Queue()
     with tempfile.TemporaryDirectory(prefix="mm1-ranks-") as folder:
         hostfile = Path(folder) / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
-        processes = [
+        processes += [
             subprocess.Popen(
                 command,
                 env=rank_environment(rank, ranks, hostfile),
@@ -89,7 +100,8 @@ def run_ranks(ranks: int, command: list[str] | None = None, stdout: IO | None = 
         try:
             return wait_for_ranks(processes, ended, interrupted)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for stop, handler in previous.items():
+                signal.signal(stop, handler)
 
 
 def wait_for_ranks(processes: list, ended: queue.Queue, interrupted: threading.Event) -> int:

@@ -184,19 +184,37 @@ def evaluate(model: MM1Model, loader: DataLoader, batches: int, group) -> float:
     return (total / mx.maximum(weight, 1e-9)).item()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; a scheduler, or a closing laptop
+
+
 @contextmanager
-def whole_step() -> Iterator[None]:
-    """Ctrl-C inside the block takes effect when it ends: the checkpoint written on an
-    interrupt never holds weights a step ahead of its step count and data position."""
+def stops_save() -> Iterator[None]:
+    """SIGTERM stops a run as Ctrl-C does (a KeyboardInterrupt), so the run saves its checkpoint
+    either way."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread receives signals
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def whole_step() -> Iterator[None]:
+    """A stop signal inside the block takes effect when it ends: the checkpoint written on an
+    interrupt never holds weights a step ahead of its step count and data position."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda *_: received.append(True)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
     if received:
         raise KeyboardInterrupt
 
@@ -362,7 +380,7 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
 
     step = start
     try:
-        with gradient_checkpointing(model, recipe.train.gradient_checkpointing):
+        with stops_save(), gradient_checkpointing(model, recipe.train.gradient_checkpointing):
             while step < recipe.train.steps:
                 mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
                 began = time.perf_counter()
