@@ -4,12 +4,12 @@ Pure geometry; processor.py does the pixels. Sizes are (width, height) like PIL'
 (rows, columns) = (n_h, n_w), and every sub-image ("tile") is tile x tile pixels, the encoder's
 input size.
 
-Grid choice (MM1-NOTES.md, "MM1.5 dynamic image splitting"): the candidates are all grids with
-n_min <= rows * columns <= n_max. The image is fitted into each grid's canvas (columns * tile by
-rows * tile), keeping its aspect ratio. If some canvases hold the image without downscaling it,
-the one with the least padding (canvas area minus fitted image area) wins; otherwise the one
-keeping the largest image area. Ties go to fewer tiles, then fewer rows, so the choice is
-deterministic.
+Grid choice (MM1.5's dynamic splitting, Zhang et al. 2024, arXiv:2409.20566): the candidates are
+all grids with n_min <= rows * columns <= n_max. The image is fitted into each grid's canvas
+(columns * tile by rows * tile), keeping its aspect ratio. If some canvases hold the image
+without downscaling it, the one with the least padding (canvas area minus fitted image area)
+wins; otherwise the one keeping the largest image area. Ties go to fewer tiles, then fewer rows,
+so the choice is deterministic.
 
 In the prompt a split image is its tiles, row-major, then an overview of the whole image, each
 behind a short text marker (`prompt_layout`). A 1x1 grid needs no splitting: such an image is
