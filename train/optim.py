@@ -219,9 +219,8 @@ def compiled_update(
     """`update(grads) -> gradient norm`: clip the gradients to `grad_clip` (None: no clipping)
     and apply the optimizer, as one compiled function. The update is a dozen elementwise passes
     over every parameter; compiled, MLX fuses them (on CPU it builds the fused kernels with the
-    system's C++ compiler, and runs them unfused without one): 0.09 -> 0.04 s for the demo
-    model's AdamW on one x86 core. The optimizer's state is made first (kept if restored), so
-    the function sees all of it."""
+    system's C++ compiler, and runs them unfused without one). The optimizer's state is made
+    first (kept if restored), so the function sees all of it."""
     optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state]
 

@@ -3,8 +3,8 @@
 `mm1-mlx train RECIPE --ranks N` (and `data dense-pretrain --ranks N`) runs N ranks on this
 machine with MLX's ring backend over loopback. It starts them itself rather than through
 `mlx.launch`: that launcher relays the ranks' output by polling in a loop that never sleeps
-(a whole core, measured), which on a 2-core machine took half the compute from the ranks and
-made 2 ranks slower than one process. Here the ranks inherit the terminal and the launcher
+(a whole core busy, as `top` shows), which on a 2-core machine takes half the compute from
+the ranks. Here the ranks inherit the terminal and the launcher
 sleeps in `wait()`. For several machines use `mlx.launch` (its ring or MPI backends): the
 training code is the same, it only reads the group `mx.distributed.init()` returns.
 """
@@ -125,6 +125,7 @@ def sum_over_ranks(tree, group: mx.distributed.Group, bucket_bytes: int = BUCKET
     leaves = tree_flatten(tree)
     summed: dict[str, mx.array] = {}
     bucket: list[tuple[str, mx.array]] = []
+    size = 0  # bytes in the bucket
 
     def send() -> None:
         flat = mx.concatenate([array.reshape(-1) for _, array in bucket])
@@ -136,12 +137,11 @@ def sum_over_ranks(tree, group: mx.distributed.Group, bucket_bytes: int = BUCKET
         bucket.clear()
 
     for name, array in leaves:
-        if bucket and (
-            array.dtype != bucket[0][1].dtype
-            or sum(a.nbytes for _, a in bucket) + array.nbytes > bucket_bytes
-        ):
+        if bucket and (array.dtype != bucket[0][1].dtype or size + array.nbytes > bucket_bytes):
             send()
+            size = 0
         bucket.append((name, array))
+        size += array.nbytes
     if bucket:
         send()
     return tree_unflatten([(name, summed[name]) for name, _ in leaves])
