@@ -57,8 +57,8 @@ def make_schedule(
     """
     if decay not in DECAYS:
         raise UserError(f"learning-rate decay must be one of {', '.join(DECAYS)}, not {decay!r}")
-    if peak_lr <= 0:
-        raise UserError(f"the peak learning rate must be positive, not {peak_lr}")
+    if not (math.isfinite(peak_lr) and peak_lr > 0):
+        raise UserError(f"the peak learning rate must be finite and positive, not {peak_lr}")
     if not 0 <= warmup_steps <= total_steps:
         raise UserError(f"warm-up steps ({warmup_steps}) must be within 0..{total_steps}")
     if not 0 <= min_lr_ratio <= 1:
@@ -171,8 +171,8 @@ def make_optimizer(
 def resolve_weight_decay(weight_decay: float | str) -> float:
     if weight_decay == "mm1":
         return MM1_WEIGHT_DECAY
-    if isinstance(weight_decay, str) or weight_decay < 0:
-        raise UserError(f"weight decay must be a number >= 0 or 'mm1', not {weight_decay!r}")
+    if isinstance(weight_decay, str | bool) or not 0 <= weight_decay < math.inf:
+        raise UserError(f"weight decay must be a finite number >= 0 or 'mm1', not {weight_decay!r}")
     return float(weight_decay)
 
 

@@ -2,18 +2,34 @@
 
 A recipe names the model to start from, the data sources and their mixture weights, what is
 frozen, the optimizer and schedule, steps, batch, sequence length, checkpointing and the output
-folder. Relative paths are relative to the recipe file. See train/recipes/ for examples.
+folder. See train/recipes/ for examples.
+
+Paths: `model`, `out` and each data source's `path` are relative to the recipe file's folder,
+never to the working directory (`~` is the home folder), and are kept as absolute paths, so the
+same recipe read through another path, or from another working directory, reads the same data
+and resumes the same run. A `model` that is no local folder but has the shape of a hub repo id
+("owner/name") stays a repo id. `--out` on the command line is relative to the working
+directory, as command-line paths are.
+
+Every value is checked as the recipe is read, before any model is loaded or folder made: its
+type (a number is no string, a flag is true or false, a table is a table), its range (finite,
+positive where it must be) or its choices, and that the data files exist. A bad value is a
+one-line UserError naming its key, e.g. `optimizer.lr`, and what is allowed.
 """
 
 import dataclasses
+import math
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mm1_mlx.errors import UserError
-from mm1_mlx.train.data import SourceConfig
-from mm1_mlx.train.optim import ModuleSettings
+from mm1_mlx.quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from mm1_mlx.train.data import LOSS_WEIGHTINGS, RENDERERS, SourceConfig
+from mm1_mlx.train.optim import DECAYS, MODULES, OPTIMIZERS, ModuleSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,7 +64,7 @@ class OptimizerSettings:
 class TrainSettings:
     steps: int = 1000
     grad_accumulation: int = 1
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # 0 or None: no clipping
     z_loss: float = 0.0  # coefficient of the output z-loss, mean logsumexp(logits)^2
     box_smoothing: float = 0.0  # sigma (0..1000 units) of box coordinates' soft targets
     gradient_checkpointing: bool = False
@@ -91,6 +107,121 @@ class Recipe:
     log: LogSettings = field(default_factory=LogSettings)
 
 
+# -- what each value may be ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a recipe value must be; `allowed` says it in the error message."""
+
+    allowed: str
+    test: Callable[[Any], bool]
+    convert: Callable[[Any], Any] = lambda value: value
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML's true is no 1
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(low: int) -> Rule:
+    return Rule(f"an integer >= {low}", lambda value: is_integer(value) and value >= low)
+
+
+def number(
+    low: float = -math.inf, high: float = math.inf, open_low: bool = False, open_high: bool = False
+) -> Rule:
+    """A finite number between `low` and `high` (excluded where open), as a float."""
+
+    def test(value: Any) -> bool:
+        if not is_number(value):
+            return False
+        above = low < value if open_low else low <= value
+        return above and (value < high if open_high else value <= high)
+
+    if high < math.inf:
+        bounds = f" in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    elif low > -math.inf:
+        bounds = f" {'>' if open_low else '>='} {low:g}"
+    else:
+        bounds = ""
+    return Rule(f"a finite number{bounds}", test, float)
+
+
+def choice(options: tuple) -> Rule:
+    # The type must match too: true is not 1, and "4" is not 4.
+    return Rule(
+        f"one of {', '.join(map(str, options))}",
+        lambda value: type(value) is type(options[0]) and value in options,
+    )
+
+
+def or_mm1(rule: Rule) -> Rule:
+    """A number, or "mm1": MM1's rule for it."""
+    return Rule(
+        f"{rule.allowed} or 'mm1'",
+        lambda value: value == "mm1" or rule.test(value),
+        lambda value: value if value == "mm1" else rule.convert(value),
+    )
+
+
+FLAG = Rule("true or false", lambda value: isinstance(value, bool))
+TEXT = Rule("a non-empty string", lambda value: isinstance(value, str) and bool(value))
+UNIT = number(0, 1, open_high=True)
+BETAS = Rule(
+    f"a list of 2 numbers, each {UNIT.allowed}",
+    lambda value: isinstance(value, list) and len(value) == 2 and all(map(UNIT.test, value)),
+    lambda value: tuple(map(float, value)),
+)
+POSITIVE = number(0, open_low=True)
+NON_NEGATIVE = number(0)
+
+RULES: dict[tuple[type, str], Rule] = {
+    (Recipe, "model"): TEXT,
+    (Recipe, "out"): TEXT,
+    (Recipe, "seed"): integer(0),
+    (DataSettings, "seq_len"): integer(2),  # inputs and targets are the row shifted by one
+    (DataSettings, "batch_size"): integer(1),
+    (DataSettings, "max_images_per_sequence"): integer(0),
+    (DataSettings, "loss_weighting"): choice(LOSS_WEIGHTINGS),
+    (DataSettings, "split_images"): FLAG,
+    (DataSettings, "strict"): FLAG,
+    (SourceConfig, "path"): TEXT,
+    (SourceConfig, "format"): choice(tuple(RENDERERS)),
+    (SourceConfig, "weight"): POSITIVE,
+    (OptimizerSettings, "name"): choice(OPTIMIZERS),
+    (OptimizerSettings, "lr"): or_mm1(POSITIVE),
+    (OptimizerSettings, "weight_decay"): or_mm1(NON_NEGATIVE),
+    (OptimizerSettings, "betas"): BETAS,
+    (OptimizerSettings, "warmup_steps"): integer(0),  # and at most train.steps: check_recipe
+    (OptimizerSettings, "min_lr_ratio"): number(0, 1),
+    (OptimizerSettings, "decay"): choice(DECAYS),
+    (TrainSettings, "steps"): integer(1),
+    (TrainSettings, "grad_accumulation"): integer(1),
+    (TrainSettings, "grad_clip"): NON_NEGATIVE,
+    (TrainSettings, "z_loss"): NON_NEGATIVE,
+    (TrainSettings, "box_smoothing"): NON_NEGATIVE,
+    (TrainSettings, "gradient_checkpointing"): FLAG,
+    (ModuleSettings, "trainable"): FLAG,
+    (ModuleSettings, "lr_multiplier"): NON_NEGATIVE,
+    (LoraSettings, "rank"): integer(1),
+    (LoraSettings, "scale"): number(),
+    (LoraSettings, "dropout"): UNIT,
+    (LoraSettings, "num_layers"): Rule(
+        "an integer >= 1 (leave it out for all layers)", integer(1).test
+    ),
+    (LoraSettings, "quantize_bits"): choice(SUPPORTED_BITS),
+    (LoraSettings, "group_size"): choice(SUPPORTED_GROUP_SIZES),
+    (CheckpointSettings, "every"): integer(1),
+    (CheckpointSettings, "keep"): integer(1),
+    (LogSettings, "every"): integer(1),
+    (LogSettings, "eval_every"): integer(0),
+    (LogSettings, "eval_batches"): integer(1),
+}
+
 # Which fields hold nested tables: (dataclass, field) -> how to build the value.
 _NESTED = {
     (Recipe, "data"): DataSettings,
@@ -103,19 +234,26 @@ _NESTED = {
 _LISTS = {(DataSettings, "sources"): SourceConfig, (DataSettings, "validation"): SourceConfig}
 
 
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
 def _build(cls, values: Any, where: str):
-    """A dataclass from a TOML table, refusing unknown keys (a typo must not pass silently)."""
+    """A dataclass from a TOML table, refusing unknown keys (a typo must not pass silently),
+    missing required ones and values outside their RULES."""
     if not isinstance(values, dict):
-        raise UserError(f"{where}: expected a table")
-    names = [f.name for f in dataclasses.fields(cls)]
+        raise UserError(f"{where} must be a table ([{where}]), not {values!r}")
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(names)})")
-    kwargs = {name: _value(cls, name, value, f"{where}.{name}") for name, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise UserError(f"{where}: {error}") from None
+        raise UserError(f"{_key(where, unknown[0])}: unknown key (known: {', '.join(names)})")
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in values:
+            raise UserError(f"{_key(where, f.name)}: missing (the recipe needs '{f.name}')")
+    kwargs = {name: _value(cls, name, value, _key(where, name)) for name, value in values.items()}
+    return cls(**kwargs)
 
 
 def _value(cls, name: str, value: Any, where: str) -> Any:
@@ -123,30 +261,65 @@ def _value(cls, name: str, value: Any, where: str) -> Any:
         return _build(_NESTED[cls, name], value, where)
     if (cls, name) in _LISTS:
         if not isinstance(value, list):
-            raise UserError(f"{where}: expected a list of tables ([[{where}]])")
+            raise UserError(f"{where} must be a list of tables ([[{where}]]), not {value!r}")
         return [_build(_LISTS[cls, name], item, f"{where}[{i}]") for i, item in enumerate(value)]
     if (cls, name) == (Recipe, "modules"):
-        return {
-            key: _build(ModuleSettings, table, f"{where}.{key}") for key, table in value.items()
-        }
-    if name == "betas":
-        return tuple(value)
-    return value
+        return _modules(value, where)
+    rule = RULES[cls, name]
+    if not rule.test(value):
+        raise UserError(f"{where} must be {rule.allowed}, not {value!r}")
+    return rule.convert(value)
+
+
+def _modules(value: Any, where: str) -> dict[str, ModuleSettings]:
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a table ([{where}.vision] etc.), not {value!r}")
+    unknown = sorted(set(value) - set(MODULES))
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]}: unknown module (modules are {', '.join(MODULES)})")
+    return {key: _build(ModuleSettings, table, f"{where}.{key}") for key, table in value.items()}
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """What one value alone cannot say: limits set by another value."""
+    steps, warmup = recipe.train.steps, recipe.optimizer.warmup_steps
+    if warmup > steps:
+        raise UserError(
+            f"optimizer.warmup_steps must be within 0..{steps} (train.steps), not {warmup}"
+        )
+    if not recipe.data.sources:
+        raise UserError("data.sources: the recipe has no data sources ([[data.sources]])")
+
+
+# -- reading ------------------------------------------------------------------------------------
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.steps=100` -> (["train", "steps"], 100); the value is read as TOML, else a string."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    keys = [part.strip() for part in key.split(".")]
+    if not sep or not all(keys):
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=100")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return key.strip().split("."), value
+    return keys, value
+
+
+def apply_override(values: dict, text: str) -> None:
+    keys, value = parse_override(text)
+    table = values
+    for depth, key in enumerate(keys[:-1]):
+        table = table.setdefault(key, {})
+        if not isinstance(table, dict):
+            where = ".".join(keys[: depth + 1])
+            raise UserError(f"--set {text!r}: {where} is not a table")
+    table[keys[-1]] = value
 
 
 def load_recipe(path: Path, overrides: list[str] = (), out: Path | None = None) -> Recipe:
+    """The recipe at `path` with `--set` overrides and `--out`, checked, paths made absolute."""
     path = Path(path)
     try:
         values = tomllib.loads(path.read_text())
@@ -155,28 +328,45 @@ def load_recipe(path: Path, overrides: list[str] = (), out: Path | None = None) 
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise UserError(f"{path}: not a valid TOML recipe ({error})") from None
     for override in overrides:
-        keys, value = parse_override(override)
-        table = values
-        for key in keys[:-1]:
-            table = table.setdefault(key, {})
-        table[keys[-1]] = value
+        apply_override(values, override)
     if out is not None:
-        values["out"] = str(Path(out).resolve())
-    for required in ("model", "out"):
-        if required not in values:
-            raise UserError(f"{path}: the recipe needs '{required}'")
-    recipe = _build(Recipe, values, path.name)
-    return _resolve_paths(recipe, path.parent)
+        values["out"] = str(Path(out).expanduser().resolve())
+    try:
+        recipe = _build(Recipe, values, "")
+        check_recipe(recipe)
+        return _resolve_paths(recipe, path.resolve().parent)
+    except UserError as error:
+        raise UserError(f"{path.name}: {error}") from None
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    def resolve(value: str) -> str:
-        candidate = base / value
-        # A hub repo id stays as it is; a path is taken relative to the recipe.
-        return str(candidate) if candidate.exists() or value.startswith(".") else value
+    def local(value: str) -> Path:
+        return (base / Path(value).expanduser()).resolve()
 
-    recipe.model = resolve(recipe.model)
-    recipe.out = str(base / recipe.out)
-    for source in [*recipe.data.sources, *recipe.data.validation]:
-        source.path = str(base / source.path)
+    model = local(recipe.model)
+    if model.exists() or not _is_repo_id(recipe.model):
+        if not model.exists():
+            raise UserError(f"model: {model}: no such model folder")
+        recipe.model = str(model)
+    recipe.out = str(_writable_folder(local(recipe.out)))
+    for key in ("sources", "validation"):
+        for index, source in enumerate(getattr(recipe.data, key)):
+            source.path = str(local(source.path))
+            if not Path(source.path).is_file():
+                raise UserError(f"data.{key}[{index}].path: {source.path}: no such data file")
     return recipe
+
+
+def _is_repo_id(value: str) -> bool:
+    """ "owner/name", as the hub spells repo ids (mm1_mlx.loading.resolve_path)."""
+    return value.count("/") == 1 and not value.startswith((".", "/", "~"))
+
+
+def _writable_folder(out: Path) -> Path:
+    """`out`, if it is a folder or one can be made there."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out: {out} is a file, not a folder")
+    existing = next(parent for parent in (out, *out.parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"out: cannot make {out} ({existing} is no writable folder)")
+    return out
