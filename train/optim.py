@@ -172,7 +172,9 @@ def resolve_weight_decay(weight_decay: float | str) -> float:
     if weight_decay == "mm1":
         return MM1_WEIGHT_DECAY
     if isinstance(weight_decay, str | bool) or not 0 <= weight_decay < math.inf:
-        raise UserError(f"weight decay must be a finite number >= 0 or 'mm1', not {weight_decay!r}")
+        raise UserError(
+            f"weight decay must be a number >= 0 or 'mm1' (finite), not {weight_decay!r}"
+        )
     return float(weight_decay)
 
 
