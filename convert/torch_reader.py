@@ -7,6 +7,11 @@ into the array returned, so converting a large checkpoint holds about one copy o
 The pickle inside a PyTorch zip is untrusted: the unpickler resolves only the few globals a
 tensor state dict uses, to inert stand-ins defined here, and refuses every other global. Nothing
 the pickle names is imported or called.
+
+Every file is untrusted in size too: what reading a file may produce is bounded by the file's own
+size (zip entries that inflate far beyond their compressed bytes, tensors that repeat one stored
+element over a huge shape are refused when the checkpoint is opened), and a sharded index may
+only name weights files inside its own folder.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import io
 import json
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -83,6 +89,27 @@ _FOLDER_PREFERENCE = (
 _FOLDER_FALLBACKS = (("*.index.json",), ("*.safetensors",), ("*.bin", "*.pt", "*.pth"))
 
 
+# What reading one file may produce: at most this many times its size, or the allowance,
+# whichever is more. Real weights deflate to ~90% and tensors rarely share storages, so only a
+# crafted file (a zip bomb, a huge shape over one element through stride 0) comes near it.
+_MAX_GROWTH = 32
+_GROWTH_ALLOWANCE = 64 << 20
+# A compressed zip entry may inflate up to _MAX_GROWTH times, or to this size whatever its ratio
+# (a small all-zero tensor deflates ~1000x).
+_INFLATE_ALLOWANCE = 1 << 20
+# safetensors' own limit on its JSON header; also the most an index or a data.pkl may take.
+_MAX_METADATA_BYTES = 100_000_000
+# A state dict's pickle nests a few levels; hashing a deeply nested key overflows the C stack.
+_MAX_PICKLE_DEPTH = 100
+_MAX_DIMENSIONS = 32  # the most numpy before 2.0 allows an array
+# What zipfile raises on a corrupt archive: a bad central directory, bad deflate data, a CRC.
+_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, struct.error, ValueError, OverflowError)
+
+
+def _growth_limit(file_size: int) -> int:
+    return max(_MAX_GROWTH * file_size, _GROWTH_ALLOWANCE)
+
+
 def _itemsize(dtype: str) -> int:
     return np.dtype(_NUMPY_DTYPES[dtype]).itemsize
 
@@ -107,6 +134,10 @@ class _Storage:
                     flat = np.frombuffer(bytearray(entry.read(count * dtype.itemsize)), dtype)
         except OSError as error:
             raise CheckpointError(f"{self.path}: cannot read ({error.strerror})") from error
+        except _ZIP_ERRORS as error:
+            raise CheckpointError(
+                f"{self.path}: corrupt compressed storage '{self.zip_entry}' ({_one_line(error)})"
+            ) from error
         if flat.size != count:
             raise CheckpointError(f"{self.path}: truncated, tensor data ends past the end of file")
         return flat
@@ -137,12 +168,24 @@ class TensorRef:
     def __repr__(self) -> str:
         return f"TensorRef(shape={self.shape}, dtype='{self.dtype}')"
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes `.numpy()` returns (bfloat16 counted as stored, 2 bytes an element)."""
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
     def _span(self) -> int:
         """How many storage elements, from the first one, this tensor's elements lie within."""
         if 0 in self.shape:
             return 0
         pairs = zip(self.shape, self._strides, strict=True)
         return 1 + sum((size - 1) * stride for size, stride in pairs)
+
+    def _read_cost(self) -> int:
+        """The bytes reading it produces: its own, and for a compressed storage all the bytes
+        inflated on the way to its elements."""
+        span = self._span()
+        inflated = (self._offset + span) * _itemsize(self.dtype) if span else 0
+        return max(self.nbytes, inflated if self._storage.zip_entry else 0)
 
     def _read_bits(self) -> np.ndarray:
         """The tensor as a fresh C-contiguous array in native byte order (bfloat16 as uint16)."""
@@ -329,17 +372,19 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 
 def _open_torch_zip(path: Path) -> dict[str, TensorRef]:
+    file_size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
             entries = {info.filename: info for info in archive.infolist()}
             pickle_name = _find_data_pkl(path, entries)
             prefix = pickle_name.removesuffix("data.pkl")
-            byteorder = _read_byteorder(path, archive, entries, prefix)
-            pickled = archive.read(pickle_name)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
-        raise CheckpointError(f"{path}: truncated or corrupt zip archive ({error})") from error
+            byteorder = _read_byteorder(path, archive, entries, prefix, file_size)
+            pickled = _read_entry(path, archive, entries[pickle_name], file_size)
+    except _ZIP_ERRORS as error:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt zip archive ({_one_line(error)})"
+        ) from error
     records = _state_dict_tensors(path, _unpickle(path, pickled))
-    file_size = path.stat().st_size
     storages: dict[str, _Storage] = {}
     refs = {}
     with open(path, "rb") as file:
@@ -351,6 +396,41 @@ def _open_torch_zip(path: Path) -> dict[str, TensorRef]:
                 )
             refs[key] = _zip_tensor_ref(path, key, record, storages[storage_key], byteorder)
     return refs
+
+
+def _check_entry(path: Path, entry: zipfile.ZipInfo, file_size: int) -> None:
+    """Refuses an entry that cannot be read as it claims: encrypted, compressed by a method other
+    than deflate, or inflating far beyond its compressed bytes (a zip bomb)."""
+    name = entry.filename
+    if entry.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: zip entry '{name}' is encrypted")
+    if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(
+            f"{path}: zip entry '{name}' uses compression method {entry.compress_type} "
+            "(only stored or deflated are read)"
+        )
+    if entry.header_offset < 0 or entry.header_offset + entry.compress_size > file_size:
+        raise CheckpointError(f"{path}: truncated, zip entry '{name}' ends past the end of file")
+    if entry.compress_type == zipfile.ZIP_STORED and entry.compress_size != entry.file_size:
+        raise CheckpointError(f"{path}: corrupt zip entry '{name}' (stored, yet sizes differ)")
+    if entry.file_size > max(_MAX_GROWTH * entry.compress_size, _INFLATE_ALLOWANCE):
+        raise CheckpointError(
+            f"{path}: zip entry '{name}' would inflate {entry.compress_size} bytes to "
+            f"{entry.file_size} (at most {_MAX_GROWTH}x, a zip bomb?)"
+        )
+
+
+def _read_entry(
+    path: Path, archive: zipfile.ZipFile, entry: zipfile.ZipInfo, file_size: int
+) -> bytes:
+    """A small entry's bytes (data.pkl, byteorder), checked before anything is inflated."""
+    _check_entry(path, entry, file_size)
+    if entry.file_size > _MAX_METADATA_BYTES:
+        raise CheckpointError(
+            f"{path}: zip entry '{entry.filename}' holds {entry.file_size} bytes "
+            f"(at most {_MAX_METADATA_BYTES})"
+        )
+    return archive.read(entry)
 
 
 def _zip_tensor_ref(
@@ -376,23 +456,89 @@ def _find_data_pkl(path: Path, entries: dict[str, zipfile.ZipInfo]) -> str:
     raise CheckpointError(f"{path}: a zip without data.pkl, not a PyTorch checkpoint")
 
 
-def _read_byteorder(path: Path, archive: zipfile.ZipFile, entries: dict, prefix: str) -> str:
+def _read_byteorder(
+    path: Path, archive: zipfile.ZipFile, entries: dict, prefix: str, file_size: int
+) -> str:
     if f"{prefix}byteorder" not in entries:
         return "little"
-    byteorder = archive.read(f"{prefix}byteorder").decode(errors="replace").strip()
+    raw = _read_entry(path, archive, entries[f"{prefix}byteorder"], file_size)
+    byteorder = raw[:16].decode(errors="replace").strip()
     if byteorder not in ("little", "big"):
         raise CheckpointError(f"{path}: unknown byte order '{byteorder}'")
     return byteorder
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
 def _unpickle(path: Path, pickled: bytes):
     try:
+        _check_pickle_shape(path, pickled)
         return _StateDictUnpickler(path, pickled).load()
     except CheckpointError:
         raise
     except Exception as error:  # whatever a corrupt pickle makes the unpickler raise
-        message = " ".join(f"{type(error).__name__}: {error}".split())
-        raise CheckpointError(f"{path}: corrupt data.pkl ({message})") from error
+        raise CheckpointError(f"{path}: corrupt data.pkl ({_one_line(error)})") from error
+
+
+# Opcodes that add to the container below their arguments and leave it on the stack.
+_MUTATING_OPCODES = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+
+
+def _check_pickle_shape(path: Path, pickled: bytes) -> None:
+    """Refuses, before unpickling, a pickle whose objects nest deeper than a state dict's or are,
+    through shared references, far larger than its bytes: hashing such a dict key overflows the
+    C stack (a crash) or takes exponential time. Follows the pickle machine's stack, each item as
+    (depth, size), from pickletools' account of what each opcode takes and leaves."""
+    max_size = 16 * len(pickled) + 4096
+    stack: list[tuple[int, int] | None] = []  # None is a mark
+    memo: dict = {}
+    for opcode, arg, _ in pickletools.genops(pickled):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if opcode.name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo[arg])
+            continue
+        taken = _take(stack, opcode.stack_before)
+        if opcode.name in _MUTATING_OPCODES:
+            (depth, size), items = taken[0], taken[1:]
+            depth = max([depth] + [d + 1 for d, _ in items])
+            size += sum(s for _, s in items)
+        else:
+            depth = 1 + max((d for d, _ in taken), default=-1)
+            size = 1 + sum(s for _, s in taken)
+        if depth > _MAX_PICKLE_DEPTH:
+            raise CheckpointError(
+                f"{path}: data.pkl nests objects over {_MAX_PICKLE_DEPTH} deep, "
+                "not a tensor state dict"
+            )
+        if size > max_size:
+            raise CheckpointError(
+                f"{path}: data.pkl builds objects far larger than its {len(pickled)} bytes "
+                "(shared references), not a tensor state dict"
+            )
+        after = opcode.stack_after
+        stack.extend(None if item is pickletools.markobject else (depth, size) for item in after)
+
+
+def _take(stack: list, before: list) -> list:
+    """Removes the items an opcode takes from `stack`: those it names, then all above a mark."""
+    above_mark = []
+    if pickletools.markobject in before:
+        if None not in stack:
+            raise pickle.UnpicklingError("a mark is missing")
+        mark = len(stack) - 1 - stack[::-1].index(None)
+        above_mark = stack[mark + 1 :]
+        del stack[mark:]
+        before = before[: before.index(pickletools.markobject)]
+    start = len(stack) - len(before)
+    named = stack[start:]
+    if start < 0 or None in named:
+        raise pickle.UnpicklingError("the stack does not hold what an opcode takes")
+    del stack[start:]
+    return named + above_mark
 
 
 def _state_dict_tensors(path: Path, top) -> dict[str, _TensorRecord]:
@@ -430,6 +576,7 @@ def _locate_storage(
     entry = entries.get(name)
     if entry is None:
         raise CheckpointError(f"{path}: storage entry '{name}' is missing")
+    _check_entry(path, entry, file_size)
     needed = record.numel * _itemsize(record.dtype)
     if entry.file_size < needed:
         raise CheckpointError(
@@ -456,16 +603,18 @@ def _open_safetensors(path: Path) -> dict[str, TensorRef]:
     # Format: u64 little-endian header length, a JSON header, then the tensors' bytes.
     file_size = path.stat().st_size
     with open(path, "rb") as file:
-        (header_length,) = struct.unpack("<Q", file.read(8))
+        head = file.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+        (header_length,) = struct.unpack("<Q", head)
         if 8 + header_length > file_size:
             raise CheckpointError(f"{path}: truncated safetensors file (header past end of file)")
-        header_bytes = file.read(header_length)
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from error
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        if header_length > _MAX_METADATA_BYTES:
+            raise CheckpointError(
+                f"{path}: safetensors header of {header_length} bytes "
+                f"(at most {_MAX_METADATA_BYTES})"
+            )
+        header = _parse_json(path, file.read(header_length), "safetensors header")
     data_start = 8 + header_length
     refs = {}
     for key, entry in header.items():
@@ -474,18 +623,33 @@ def _open_safetensors(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
+def _parse_json(path: Path, text: bytes, what: str) -> dict:
+    """A JSON object, or a one-line error naming the file: bad UTF-8 or JSON, an integer too long
+    to convert, nesting too deep for the parser."""
+    try:
+        parsed = json.loads(text)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: corrupt {what} ({_one_line(error)})") from error
+    except RecursionError as error:
+        raise CheckpointError(f"{path}: corrupt {what} (JSON nested too deeply)") from error
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{path}: corrupt {what} (not a JSON object)")
+    return parsed
+
+
 def _safetensors_ref(path: Path, key: str, entry, data_start: int, file_size: int) -> TensorRef:
     try:
-        dtype_name, shape, (begin, end) = (
-            entry["dtype"],
-            tuple(entry["shape"]),
-            entry["data_offsets"],
-        )
+        dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: corrupt safetensors entry for '{key}'") from error
-    dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+    if not isinstance(shape, list):
+        raise CheckpointError(f"{path}: corrupt safetensors entry for '{key}' (shape not a list)")
+    shape = tuple(shape)
+    _check_dimensions(path, key, shape)
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {dtype_name}")
+        shown = str(dtype_name)[:40] if isinstance(dtype_name, str) else "(not a string)"
+        raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {shown}")
     if not (_is_shape(shape) and _is_count(begin) and _is_count(end)):
         raise CheckpointError(f"{path}: corrupt safetensors entry for '{key}'")
     if end - begin != math.prod(shape) * _itemsize(dtype):
@@ -499,18 +663,18 @@ def _safetensors_ref(path: Path, key: str, entry, data_start: int, file_size: in
 
 
 def _open_index(path: Path) -> dict[str, TensorRef]:
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shard_of = {str(key): str(shard) for key, shard in weight_map.items()}
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{path}: not a checkpoint index (no JSON 'weight_map')") from error
+    if path.stat().st_size > _MAX_METADATA_BYTES:
+        raise CheckpointError(f"{path}: an index over {_MAX_METADATA_BYTES} bytes")
+    weight_map = _parse_json(path, path.read_bytes(), "checkpoint index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: not a checkpoint index (no JSON 'weight_map')")
+    if not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise CheckpointError(f"{path}: not a checkpoint index (a shard is not a file name)")
+    shard_of: dict[str, str] = weight_map
     refs: dict[str, TensorRef] = {}
     found_in: dict[str, str] = {}
     for shard in dict.fromkeys(shard_of.values()):
-        shard_path = path.parent / shard
-        if not shard_path.is_file():
-            raise CheckpointError(f"{path}: shard '{shard}' is missing")
-        for key, ref in _open_file(shard_path).items():
+        for key, ref in _open_file(_shard_path(path, shard)).items():
             if key in found_in:
                 raise CheckpointError(
                     f"{path}: '{key}' is in two shards, {found_in[key]} and {shard}"
@@ -521,6 +685,29 @@ def _open_index(path: Path) -> dict[str, TensorRef]:
         if found_in.get(key) != shard:
             raise CheckpointError(f"{path}: '{key}' is not in its shard '{shard}'")
     return refs
+
+
+def _shard_path(index: Path, shard: str) -> Path:
+    """The shard's file, inside the index's folder: never an absolute path, never through '..',
+    never out through a symlink (but into the hub cache's blobs, where its snapshots link), and
+    never another index, so that indexes cannot name each other."""
+    name = shard[:80]
+    if not shard or "\0" in shard:
+        raise CheckpointError(f"{index}: shard '{name}' is not a file name")
+    if PurePath(shard).is_absolute() or ".." in PurePath(shard).parts:
+        raise CheckpointError(f"{index}: shard '{name}' points outside the checkpoint's folder")
+    if shard.endswith(".json"):
+        raise CheckpointError(f"{index}: shard '{name}' is an index, not a weights file")
+    shard_path = index.parent / shard
+    if not shard_path.is_file():
+        raise CheckpointError(f"{index}: shard '{name}' is missing")
+    folder = index.parent.resolve()
+    inside = [folder]
+    if folder.parent.name == "snapshots":
+        inside.append(folder.parent.parent / "blobs")
+    if not any(shard_path.resolve().is_relative_to(root) for root in inside):
+        raise CheckpointError(f"{index}: shard '{name}' links outside the checkpoint's folder")
+    return shard_path
 
 
 def _find_checkpoint_in(folder: Path) -> Path:
@@ -537,15 +724,42 @@ def _find_checkpoint_in(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: no checkpoint (.safetensors, .bin, .pt, .pth) in this folder")
 
 
+def _check_dimensions(path: Path, key: str, shape: tuple) -> None:
+    if len(shape) > _MAX_DIMENSIONS:
+        raise CheckpointError(
+            f"{path}: tensor '{key}' has {len(shape)} dimensions (at most {_MAX_DIMENSIONS})"
+        )
+
+
+def _within_growth_limit(path: Path, refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """The file's tensors, unless reading them would produce far more than the file's size: a
+    huge shape over one stored element (stride 0), many tensors over one storage, a zip bomb."""
+    file_size = path.stat().st_size
+    limit = _growth_limit(file_size)
+    total = 0
+    for key, ref in refs.items():
+        _check_dimensions(path, key, ref.shape)
+        # An empty tensor reads nothing, yet numpy refuses a shape whose other sizes overflow.
+        extent = math.prod(max(size, 1) for size in ref.shape) * _itemsize(ref.dtype)
+        total += ref._read_cost()
+        if max(extent, total) > limit:
+            raise CheckpointError(
+                f"{path}: tensor '{key}' of shape {ref.shape} would read out to "
+                f"{max(extent, total)} bytes, more than this {file_size}-byte file may "
+                f"({_MAX_GROWTH}x its size, at least {_GROWTH_ALLOWANCE >> 20} MiB)"
+            )
+    return refs
+
+
 def _open_file(path: Path) -> dict[str, TensorRef]:
     if path.name.endswith(".json"):
         return _open_index(path)
     with open(path, "rb") as file:
         head = file.read(len(_LEGACY_TORCH_MAGIC))
     if head.startswith(b"PK"):
-        return _open_torch_zip(path)
+        return _within_growth_limit(path, _open_torch_zip(path))
     if len(head) > 8 and head[8:9] == b"{":
-        return _open_safetensors(path)
+        return _within_growth_limit(path, _open_safetensors(path))
     if head.startswith(_LEGACY_TORCH_MAGIC):
         raise CheckpointError(
             f"{path}: legacy (pre-1.6, non-zip) PyTorch format, not supported; "
