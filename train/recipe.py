@@ -281,7 +281,7 @@ def _modules(value: Any, where: str) -> dict[str, ModuleSettings]:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """What one value alone cannot say: limits set by another value."""
+    """What no single value says: the warm-up fits in the steps; there is data to train on."""
     steps, warmup = recipe.train.steps, recipe.optimizer.warmup_steps
     if warmup > steps:
         raise UserError(
