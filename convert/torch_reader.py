@@ -102,8 +102,17 @@ _MAX_METADATA_BYTES = 100_000_000
 # A state dict's pickle nests a few levels; hashing a deeply nested key overflows the C stack.
 _MAX_PICKLE_DEPTH = 100
 _MAX_DIMENSIONS = 32  # the most numpy before 2.0 allows an array
-# What zipfile raises on a corrupt archive: a bad central directory, bad deflate data, a CRC.
-_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, struct.error, ValueError, OverflowError)
+# What zipfile raises on a corrupt archive: a bad central directory, bad deflate data, a CRC,
+# a version it cannot extract.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    EOFError,
+    zlib.error,
+    struct.error,
+    ValueError,
+    OverflowError,
+    NotImplementedError,
+)
 
 
 def _growth_limit(file_size: int) -> int:

@@ -74,21 +74,22 @@ def one_tensor_zip(path: Path, size, stride, **kwargs) -> Path:
     return torch_zip(path, p_state_dict(w=p_tensor(size, stride, **kwargs)))
 
 
-def patch_zip_headers(path: Path, name: str, flags: int = 0, method: int | None = None) -> Path:
-    """Sets bits in an entry's flags and/or its compression method, in both of its headers."""
+# Where "version needed to extract", flags and compression method lie in each header.
+ZIP_FIELDS = {"version": 0, "flags": 2, "method": 4}
+
+
+def patch_zip_headers(path: Path, name: str, **fields: int) -> Path:
+    """Sets fields (version, flags, method) of one entry, in both of its headers."""
     data = bytearray(path.read_bytes())
-    # (signature, where the flags are, where the name's length is, where the name is)
-    for signature, at, length_at, name_at in (
-        (b"PK\x03\x04", 6, 26, 30),
-        (b"PK\x01\x02", 8, 28, 46),
-    ):
+    # (signature, where the fields start, where the name's length is, where the name is)
+    headers = ((b"PK\x03\x04", 4, 26, 30), (b"PK\x01\x02", 6, 28, 46))
+    for signature, fields_at, length_at, name_at in headers:
         start = data.find(signature)
         while start >= 0:
             (length,) = struct.unpack_from("<H", data, start + length_at)
             if data[start + name_at : start + name_at + length] == name.encode():
-                old_flags, old_method = struct.unpack_from("<HH", data, start + at)
-                new_method = old_method if method is None else method
-                struct.pack_into("<HH", data, start + at, old_flags | flags, new_method)
+                for field, value in fields.items():
+                    struct.pack_into("<H", data, start + fields_at + ZIP_FIELDS[field], value)
             start = data.find(signature, start + 4)
     path.write_bytes(bytes(data))
     return path
@@ -156,6 +157,11 @@ def zip_encrypted(tmp: Path) -> Path:
     # A stored entry is read straight from the file: its flags must still be heeded.
     path = one_tensor_zip(tmp / "locked.bin", (1,), (1,))
     return patch_zip_headers(path, "archive/data/0", flags=0x1)
+
+
+def zip_future_version(tmp: Path) -> Path:
+    path = one_tensor_zip(tmp / "future.bin", (1,), (1,))
+    return patch_zip_headers(path, "archive/version", version=99)
 
 
 def zip_storage_bomb(tmp: Path) -> Path:
@@ -332,6 +338,7 @@ CASES = [
     ("pickle shared-reference bomb", pickle_shared_reference_bomb, "far larger than its"),
     ("zip unknown compression", zip_unknown_method, "compression method 99"),
     ("zip encrypted entry", zip_encrypted, "'archive/data/0' is encrypted"),
+    ("zip version 9.9 to extract", zip_future_version, "zip file version 9.9"),
     ("zip bomb storage", zip_storage_bomb, "'archive/data/0' would inflate"),
     ("zip bomb data.pkl", zip_pickle_bomb, "'archive/data.pkl' would inflate"),
     ("zip corrupt deflate data", zip_corrupt_deflate, "corrupt compressed storage"),
