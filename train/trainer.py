@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -228,9 +229,22 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in found if p.is_dir() and p.name[5:].isdigit())
 
 
-def save_checkpoint(out: Path, step: int, model: MM1Model, optimizer, data_state: dict, keep: int):
-    """Atomically: written into a temporary folder, then renamed; the last `keep` are kept."""
-    folder = out / CHECKPOINTS / f"step-{step:07d}"
+def checkpoint_folder(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:07d}"
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: MM1Model,
+    optimizer,
+    data_state: dict,
+    keep: int,
+    setup: dict | None = None,
+) -> Path:
+    """Atomically: written into a temporary folder, then renamed; the last `keep` are kept.
+    `setup` (what shapes the trainable state) is kept to check a resumed run against."""
+    folder = checkpoint_folder(out, step)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -238,25 +252,176 @@ def save_checkpoint(out: Path, step: int, model: MM1Model, optimizer, data_state
         str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters()))
     )
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "data": data_state}))
-    shutil.rmtree(folder, ignore_errors=True)
+    state = {"step": step, "data": data_state, **({"setup": setup} if setup else {})}
+    (tmp / "state.json").write_text(json.dumps(state))
+    if folder.exists():  # saved again after a resume from an older one: this one may be damaged
+        remove(folder)
     os.replace(tmp, folder)
     for old in checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(old)
+        remove(old)
     return folder
 
 
-def restore_checkpoint(folder: Path, model: MM1Model, optimizer) -> dict:
+def remove(folder: Path) -> None:
+    """Renamed away first, so a kill during the deletion leaves no half-deleted checkpoint."""
+    trash = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint that cannot be read back (an older one may still be)."""
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    trainable: dict[str, mx.array]
+    optimizer: dict[str, mx.array]
+    state: dict  # {"step": int, "data": dict, "setup": dict (optional)}
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """The checkpoint's files, read and checked; DamagedCheckpoint if they are not whole."""
+    trainable = read_part(folder / "trainable.safetensors", lambda path: mx.load(str(path)))
+    optimizer_state = read_part(folder / "optimizer.safetensors", lambda path: mx.load(str(path)))
+    state = read_part(folder / "state.json", lambda path: json.loads(path.read_text()))
+    step = int(folder.name[5:])
+    fields = state if isinstance(state, dict) else {}
+    if not (
+        type(fields.get("step")) is int
+        and fields["step"] == step
+        and isinstance(fields.get("data"), dict)
+        and isinstance(fields.get("setup", {}), dict)
+    ):
+        raise DamagedCheckpoint(f"{folder}: state.json does not hold step {step} and its data")
+    return Checkpoint(folder, trainable, optimizer_state, state)
+
+
+def read_part(path: Path, read: Callable[[Path], Any]) -> Any:
     try:
-        trainable = mx.load(str(folder / "trainable.safetensors"))
-        optimizer_state = mx.load(str(folder / "optimizer.safetensors"))
-        state = json.loads((folder / "state.json").read_text())
+        return read(path)
     except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{folder}: unreadable checkpoint ({error})") from None
-    model.load_weights(list(trainable.items()), strict=False)
-    optimizer.state = tree_unflatten(list(optimizer_state.items()))
+        reason = " ".join(str(error).split())  # one line
+        raise DamagedCheckpoint(f"{path.parent}: unreadable {path.name} ({reason})") from None
+
+
+def check_setup(checkpoint: Checkpoint, setup: dict) -> None:
+    """Refuse a resume whose optimizer or LoRA settings differ from the checkpoint's."""
+    saved = checkpoint.state.get("setup", {})
+    for key in sorted(setup.keys() & saved.keys()):
+        was, now = saved[key], setup[key]
+        if was != now:
+            raise UserError(
+                f"{checkpoint.folder}: the run was trained with {differing(key, was, now)}, the "
+                f"recipe has {differing(key, now, was)}; resuming needs the run's optimizer and "
+                "LoRA settings"
+            )
+
+
+def differing(key: str, value: Any, other: Any) -> str:
+    """`value` as `key.entry=...` for the entries that differ from `other`'s."""
+    if value is None:
+        return f"no {key}"
+    if not isinstance(value, dict):
+        return f"{key} {value!r}"
+    if isinstance(other, dict):
+        return ", ".join(f"{key}.{k}={v!r}" for k, v in value.items() if other.get(k) != v)
+    return f"{key} (" + ", ".join(f"{k}={v!r}" for k, v in value.items()) + ")"
+
+
+def check_fits(checkpoint: Checkpoint, model: nn.Module, optimizer) -> None:
+    """Every tensor the checkpoint holds is one the model and optimizer have, of its shape, and
+    none is missing: loading would otherwise drop tensors or fail half-way."""
+    optimizer.init(model.trainable_parameters())  # lazy zeros: only their names and shapes count
+    expected = {
+        "trainable weights": (checkpoint.trainable, model.trainable_parameters()),
+        "optimizer state": (checkpoint.optimizer, optimizer.state),
+    }
+    for what, (saved, current) in expected.items():
+        mismatch = tensor_mismatch(saved, dict(tree_flatten(current)))
+        if mismatch:
+            raise UserError(
+                f"{checkpoint.folder}: its {what} do not fit this run ({mismatch}); resuming "
+                "needs the run's model, modules, optimizer and LoRA settings"
+            )
+
+
+def tensor_mismatch(saved: dict[str, mx.array], current: dict[str, mx.array]) -> str | None:
+    only = sorted(saved.keys() ^ current.keys())
+    if only:
+        return f"{only[0]} only {'in the checkpoint' if only[0] in saved else 'here'}"
+    for name in sorted(saved):
+        if saved[name].shape != current[name].shape:
+            shapes = f"{tuple(saved[name].shape)} there, {tuple(current[name].shape)} here"
+            return f"{name} is {shapes}"
+    return None
+
+
+def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer) -> None:
+    model.load_weights(list(checkpoint.trainable.items()), strict=False)
+    optimizer.state = tree_unflatten(list(checkpoint.optimizer.items()))
     mx.eval(model.parameters(), optimizer.state)
-    return state
+
+
+def restore_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
+    """Load one checkpoint into the model and optimizer; returns its state.json."""
+    checkpoint = read_checkpoint(folder)
+    check_fits(checkpoint, model, optimizer)
+    load_checkpoint(checkpoint, model, optimizer)
+    return checkpoint.state
+
+
+def resume_from(
+    out: Path, model: MM1Model, optimizer, loader: DataLoader, setup: dict, loud: bool = True
+) -> int:
+    """Load the newest readable checkpoint and return its step (0 when there is none); each
+    damaged one passed over is a warning line (when `loud`). A checkpoint of another setup is
+    refused, as is a folder whose checkpoints are all damaged."""
+    damaged, fresh_data_state = [], loader.state_dict()
+    for folder in reversed(checkpoint_dirs(out)):
+        try:
+            checkpoint = read_checkpoint(folder)
+            check_setup(checkpoint, setup)
+            check_fits(checkpoint, model, optimizer)
+            load_data_state(checkpoint, loader, fresh_data_state)
+        except DamagedCheckpoint as damage:
+            damaged.append(damage)
+            continue
+        for damage in damaged if loud else []:
+            print(f"warning: {damage}; resuming from {folder.name}", file=sys.stderr)
+        load_checkpoint(checkpoint, model, optimizer)
+        return checkpoint.state["step"]
+    if damaged:
+        raise UserError(f"{out}: no readable checkpoint to resume from (newest: {damaged[0]})")
+    return 0
+
+
+def load_data_state(checkpoint: Checkpoint, loader: DataLoader, fresh: dict) -> None:
+    """The data position, checked against a fresh loader's (same fields, same kinds). Loading
+    may change the loader before it fails; the next checkpoint's state then replaces it all."""
+    saved = checkpoint.state["data"]
+    damaged = DamagedCheckpoint(f"{checkpoint.folder}: state.json holds a damaged data position")
+    if not same_kinds(fresh, saved):
+        raise damaged
+    try:
+        loader.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise damaged from None
+
+
+def same_kinds(template: Any, value: Any) -> bool:
+    """Whether `value` has the JSON kinds of `template` (dict keys, list items, leaves)."""
+    if isinstance(template, dict):
+        return isinstance(value, dict) and all(
+            key in value and same_kinds(item, value[key]) for key, item in template.items()
+        )
+    if isinstance(template, list):
+        return isinstance(value, list) and all(map(same_kinds, template, value))
+    if template is None:
+        return True  # absent now (e.g. no example carried over): anything may have been saved
+    return type(value) is type(template)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -276,19 +441,32 @@ def save_final_model(out: Path, model: MM1Model, source: Path) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per logged step; on resume, entries past it are dropped."""
+    """metrics.jsonl, one JSON object per logged step. On resume, entries past the checkpoint
+    are dropped, as is a line torn by a killed process."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            lines = path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            lines = path.read_text(errors="replace").splitlines()
+            kept = [line for line in lines if 0 <= logged_step(line) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def write(self, **values: Any) -> None:
         if self.enabled:
             with self.path.open("a") as file:
                 file.write(json.dumps(values) + "\n")
+
+
+def logged_step(line: str) -> int:
+    """The step a metrics line is for; -1 for a line that is not a whole entry."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return -1
+    step = entry.get("step") if isinstance(entry, dict) else None
+    return step if type(step) is int else -1
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -317,10 +495,29 @@ def validation_due(recipe: Recipe, step: int) -> bool:
 
 
 def check_out(out: Path, resume: bool) -> None:
-    if resume or not out.exists():
-        return
-    if checkpoint_dirs(out) or (out / METRICS).exists():
+    """OUT is a folder, or one can be made there, and holds no other run (unless resuming)."""
+    existing = next(path for path in [out, *out.parents] if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: cannot be the output folder ({existing} is not a writable folder)")
+    if not resume and (checkpoint_dirs(out) or (out / METRICS).exists()):
         raise UserError(f"{out}: holds a training run already (--resume continues it)")
+
+
+def run_setup(recipe: Recipe) -> dict:
+    """What shapes the trainable state besides the model, kept in checkpoints to check a resumed
+    run against (LoRA's dropout only regularises: it may change)."""
+    lora = recipe.lora and {k: v for k, v in asdict(recipe.lora).items() if k != "dropout"}
+    return {"optimizer": recipe.optimizer.name, "lora": lora}
+
+
+def discard(out: Path, created: Path | None) -> None:
+    """A run stopped before its first checkpoint has nothing to resume: what it wrote goes (the
+    folders it made, else its metrics), so that the same command can simply run again."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    (out / METRICS).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 @dataclass
@@ -330,9 +527,97 @@ class TrainResult:
     skipped: str  # the data loader's summary of skipped examples
 
 
+@dataclass
+class Run:
+    """What the training loop works with."""
+
+    recipe: Recipe
+    out: Path
+    model: MM1Model
+    processor: Any
+    optimizer: Any
+    schedule: Any
+    loader: DataLoader
+    group: Any
+
+    @property
+    def is_main(self) -> bool:
+        return self.group.rank() == 0
+
+    def save(self, step: int, data_state: dict) -> Path:
+        keep, setup = self.recipe.checkpoint.keep, run_setup(self.recipe)
+        return save_checkpoint(self.out, step, self.model, self.optimizer, data_state, keep, setup)
+
+    def record(self, step: int, loss: float, grad_norm: float, seconds: float) -> dict:
+        """The step's metrics, with the validation loss when one is due."""
+        recipe = self.recipe
+        tokens = recipe.data.batch_size * recipe.data.seq_len * recipe.train.grad_accumulation
+        values = {
+            "step": step,
+            "loss": loss,
+            "lr": float(self.schedule(step - 1)),
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / seconds,
+        }
+        if validation_due(recipe, step):
+            validation = make_loader(recipe, self.processor, recipe.data.validation, self.group)
+            values["val_loss"] = evaluate(
+                self.model, validation, recipe.log.eval_batches, self.group
+            )
+        return values
+
+
+def train_steps(
+    run: Run,
+    start: int,
+    train_step: Callable[[list[Batch]], tuple[float, float]],
+    reporter: Callable[[int, dict], None] | None,
+) -> int:
+    """Steps from `start` to the recipe's last; returns the last. On Ctrl-C or SIGTERM the
+    current step ends with its metrics line and checkpoint, so the metrics file and the
+    checkpoints agree, and a checkpoint of the step reached is saved."""
+    recipe, model = run.recipe, run.model
+    metrics = MetricsLog(run.out / METRICS, start, run.is_main)
+    model.train()  # LoRA dropout on
+    data_state = run.loader.state_dict()
+    step = saved = start
+    try:
+        with stops_save(), gradient_checkpointing(model, recipe.train.gradient_checkpointing):
+            while step < recipe.train.steps:
+                mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
+                began = time.perf_counter()
+                with whole_step():
+                    batches = [
+                        run.loader.next_batch() for _ in range(recipe.train.grad_accumulation)
+                    ]
+                    loss, grad_norm = train_step(batches)
+                    step += 1
+                    data_state = run.loader.state_dict()
+                    values = run.record(step, loss, grad_norm, time.perf_counter() - began)
+                    if logged(recipe, step, values):
+                        metrics.write(**values)
+                    if run.is_main and step % recipe.checkpoint.every == 0:
+                        run.save(step, data_state)
+                        saved = step
+                if reporter and run.is_main:
+                    reporter(step, values)
+    except KeyboardInterrupt:
+        if run.is_main and step > start:
+            saving = step > saved  # else the step's checkpoint is on disk already
+            folder = run.save(step, data_state) if saving else checkpoint_folder(run.out, step)
+            raise KeyboardInterrupt(f"interrupted at step {step}; saved {folder}") from None
+        raise
+    return step
+
+
+def logged(recipe: Recipe, step: int, values: dict) -> bool:
+    return step % recipe.log.every == 0 or "val_loss" in values or step == recipe.train.steps
+
+
 def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
     """Run the recipe. `reporter(step, metrics)` is called on rank 0 after every step (the
-    CLI's progress bar)."""
+    CLI's progress bar). OUT appears once the run starts (see `discard` for a run that stops
+    before its first checkpoint)."""
     group = init_group()
     is_main = group.rank() == 0
     out = Path(recipe.out)
@@ -343,8 +628,6 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         )
     if not recipe.data.sources:
         raise UserError("the recipe has no data sources ([[data.sources]])")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     model, processor = prepare_model(recipe)
     loader = make_loader(recipe, processor, recipe.data.sources, group)
@@ -363,58 +646,21 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         modules=recipe.modules,
         betas=recipe.optimizer.betas,
     )
+    smoothing = coordinate_smoothing(recipe, model, processor)
+    run = Run(recipe, out, model, processor, optimizer, schedule, loader, group)
+    setup = run_setup(recipe)
+    start = resume_from(out, model, optimizer, loader, setup, is_main) if resume else 0
 
-    start = 0
-    checkpoints = checkpoint_dirs(out) if resume else []
-    if checkpoints:
-        state = restore_checkpoint(checkpoints[-1], model, optimizer)
-        loader.load_state_dict(state["data"])
-        start = state["step"]
-    metrics = MetricsLog(out / METRICS, start, is_main)
-    model.train()  # LoRA dropout on
-    train_step = make_train_step(
-        model, optimizer, recipe, group, coordinate_smoothing(recipe, model, processor)
-    )
-    data_state = loader.state_dict()
-    tokens_per_step = recipe.data.batch_size * recipe.data.seq_len * recipe.train.grad_accumulation
-
-    step = start
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
     try:
-        with stops_save(), gradient_checkpointing(model, recipe.train.gradient_checkpointing):
-            while step < recipe.train.steps:
-                mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
-                began = time.perf_counter()
-                with whole_step():
-                    batches = [loader.next_batch() for _ in range(recipe.train.grad_accumulation)]
-                    loss, grad_norm = train_step(batches)
-                    step += 1
-                    data_state = loader.state_dict()
-                values = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": float(schedule(step - 1)),
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_step / (time.perf_counter() - began),
-                }
-                if validation_due(recipe, step):
-                    validation = make_loader(recipe, processor, recipe.data.validation, group)
-                    values["val_loss"] = evaluate(model, validation, recipe.log.eval_batches, group)
-                if (
-                    step % recipe.log.every == 0
-                    or "val_loss" in values
-                    or step == recipe.train.steps
-                ):
-                    metrics.write(**values)
-                if is_main and step % recipe.checkpoint.every == 0:
-                    save_checkpoint(out, step, model, optimizer, data_state, recipe.checkpoint.keep)
-                if reporter and is_main:
-                    reporter(step, values)
-    except KeyboardInterrupt:
-        if is_main and step > start:
-            folder = save_checkpoint(
-                out, step, model, optimizer, data_state, recipe.checkpoint.keep
-            )
-            raise KeyboardInterrupt(f"interrupted at step {step}; saved {folder}") from None
+        step = train_steps(
+            run, start, make_train_step(model, optimizer, recipe, group, smoothing), reporter
+        )
+    except BaseException:
+        if is_main and not checkpoint_dirs(out):
+            discard(out, created)
         raise
 
     model.eval()
