@@ -101,7 +101,8 @@ CASES = [
     ("model a number", set_("model=3"), "model must be a non-empty string, not 3"),
     ("model missing folder", set_("model=nowhere"), "/nowhere: no such model folder"),
     ("out a file", set_("out=data/a.jsonl"), "is a file, not a folder"),
-    ("unknown key", set_("train.stepz=3"), "train.stepz: unknown key (known: steps, "),
+    ("unknown key", set_("train.stepz=3"), "train: unknown key 'stepz' (known: steps, "),
+    ("unknown top-level key", set_("seeds=1"), "recipe.toml: unknown key 'seeds' (known: model, out, seed, "),
     ("set below a string", set_("model.x=3"), "--set 'model.x=3': model is not a table"),
     ("set without a key", set_("=3"), "expected KEY=VALUE"),
 ]  # fmt: skip

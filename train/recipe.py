@@ -247,7 +247,8 @@ def _build(cls, values: Any, where: str):
     names = [f.name for f in fields]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise UserError(f"{_key(where, unknown[0])}: unknown key (known: {', '.join(names)})")
+        at = f"{where}: " if where else ""
+        raise UserError(f"{at}unknown key '{unknown[0]}' (known: {', '.join(names)})")
     for f in fields:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in values:
