@@ -11,19 +11,26 @@ generator runs one request at a time on its own thread, first come first served:
 one KV cache in memory, and MLX work stays off the event loop so streams keep flowing. A client
 resends the whole conversation every turn: the cache keeps the last prompt and answer, so what
 a request shares with them (tokens and pictures) is not prefilled or encoded again. A request
-whose client goes away is cancelled: skipped while queued, stopped at its next token once running.
-Uploaded images stay in memory (bytes -> PIL images); nothing is written to disk.
+whose client goes away is cancelled: skipped while queued, stopped between the pieces its prompt
+is prefilled in (its images encoded as their pieces come) or at its next token once answering.
+A prompt must fit the model's context with at least one token of answer; max_tokens is capped
+to what the context leaves. Uploaded images stay in memory (bytes -> PIL images, freed with the
+request); nothing is written to disk. Every refusal is a JSON error, {"error": {...}}.
 """
 
 import asyncio
 import base64
 import binascii
+import dataclasses
+import io
 import ipaddress
 import json
+import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,30 +39,49 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import uvicorn
+from mlx_lm.models.cache import can_trim_prompt_cache
+from PIL import Image
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import GenerationChunk, GenerationSettings, ImageFeatureCache, PromptCache
 from mm1_mlx.model import MM1Model
-from mm1_mlx.processor import Processor, PromptInputs
+from mm1_mlx.processor import Processor, PromptInputs, load_image, read_image_size
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 20 << 20
 MAX_IMAGES = 8
+# A picture is decoded whole before it is resized to the encoder's tiles: 4096x4096 holds a
+# 12 MP photo and caps one picture at 48 MB of RGB, well below the processor's own limit.
+MAX_IMAGE_PIXELS = 4096 * 4096
+PREFILL_PIECE = 512  # prompt tokens prefilled between two looks for a cancelled request
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
 # Everything the page uses comes from this server; images are data: URLs of the uploads.
 PAGE_POLICY = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'"
 )
-_KINDS = {int: "an integer", float: "a number", bool: "true or false"}
+ROLES = ("system", "user", "assistant")
+# What a request may hold; anything else is refused rather than silently ignored.
+REQUEST_FIELDS = (
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+    "seed", "stream", "n", "user", "stream_options",
+)  # fmt: skip
+MESSAGE_FIELDS = ("role", "content", "name")
+IMAGE_URL_FIELDS = ("url", "detail")
+SEED_RANGE = (0, 2**64 - 1)
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_KINDS |= {dict: "an object"}
+ONE_TOKEN = GenerationSettings(max_tokens=1)  # what a prefill piece is answered with
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -91,10 +117,11 @@ class Job:
 class Generator:
     """Runs every request's generation on one thread, in the order they were submitted."""
 
-    def __init__(self, model: MM1Model, processor: Processor):
+    def __init__(self, model: MM1Model, processor: Processor, prefill_piece: int = PREFILL_PIECE):
         self.processor = processor
         self.prompt_cache = PromptCache(model)  # the worker thread alone uses the caches
         self.image_cache = ImageFeatureCache()
+        self.prefill_piece = prefill_piece
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="mm1-generate")
         self.closing = threading.Event()
 
@@ -103,18 +130,80 @@ class Generator:
         self.worker.submit(self._run, job)
         return job
 
+    def _stopped(self, job: Job) -> bool:
+        return job.cancelled.is_set() or self.closing.is_set()
+
     def _run(self, job: Job) -> None:
         try:
-            if not (job.cancelled.is_set() or self.closing.is_set()):
-                for chunk in self.prompt_cache.generate(
-                    self.processor, job.inputs, job.settings, self.image_cache
-                ):
-                    job.put(chunk)
-                    if job.cancelled.is_set() or self.closing.is_set():
-                        break
+            for chunk in self._generate(job):
+                job.put(chunk)
+                if self._stopped(job):
+                    break
         except Exception as error:  # the request reports it; the worker serves the next one
+            log.error("generation failed", exc_info=error)
             job.put(error)
         job.put(None)
+
+    def _generate(self, job: Job) -> Iterator[GenerationChunk]:
+        """The job's answer. A long prompt is first prefilled piece by piece (a prefix at a
+        time, each answered with one token that the next piece trims off the cache), so a
+        cancelled job stops between pieces instead of after the whole prefill."""
+        started, inputs = time.perf_counter(), job.inputs
+        if self._stopped(job):
+            return
+        reused = self.prompt_cache.reuse(inputs)
+        pieces = self._piece_ends(inputs.input_ids, reused)
+        for end in pieces:
+            prefix = self._prefix(inputs, end)
+            for _ in self.prompt_cache.generate(
+                self.processor, prefix, ONE_TOKEN, self.image_cache
+            ):
+                pass
+            if self._stopped(job):
+                return
+        answering = time.perf_counter()
+        chunks = self.prompt_cache.generate(self.processor, inputs, job.settings, self.image_cache)
+        if not pieces:
+            yield from chunks
+            return
+        prefilled = len(inputs.input_ids) - reused
+        for chunk in chunks:  # the statistics of the whole prompt, not of its last piece
+            ttft = chunk.ttft_s + answering - started
+            yield dataclasses.replace(
+                chunk,
+                prompt_tokens=prefilled,
+                cached_tokens=reused,
+                ttft_s=ttft,
+                prefill_tps=prefilled / ttft,
+            )
+
+    def _piece_ends(self, ids: list[int], reused: int) -> list[int]:
+        """Where the prompt's prefill pieces end: every `prefill_piece` tokens after the reused
+        prefix, moved back out of image tiles (a tile's tokens come from one encoder call).
+        None where the cache cannot be trimmed back after each piece."""
+        if not can_trim_prompt_cache(self.prompt_cache.cache):
+            return []
+        ends = []
+        for end in range(reused + self.prefill_piece, len(ids) - 1, self.prefill_piece):
+            end -= self._image_tokens(ids[:end]) % self._tile_tokens
+            if end > (ends[-1] if ends else reused):
+                ends.append(end)
+        return ends
+
+    @property
+    def _tile_tokens(self) -> int:
+        return self.prompt_cache.model.config.num_image_tokens
+
+    def _image_tokens(self, ids: list[int]) -> int:
+        return ids.count(self.prompt_cache.model.image_token_id)
+
+    def _prefix(self, inputs: PromptInputs, end: int) -> PromptInputs:
+        """The prompt's first `end` tokens with their images' tiles."""
+        tiles = self._image_tokens(inputs.input_ids[:end]) // self._tile_tokens
+        pixels = inputs.tiles[:tiles] if tiles else None
+        return PromptInputs(
+            inputs.input_ids[:end], pixels, inputs.tile_keys[:tiles], inputs.image_sizes
+        )
 
     def close(self) -> None:
         """Stop the running generation; the queued ones end at once, empty."""
@@ -135,14 +224,17 @@ async def answer(job: Job) -> AsyncIterator[GenerationChunk]:
 
 @dataclass
 class Served:
-    """What the routes share: the model's name, its processor and generator, and the limits."""
+    """What the routes share: the model's name (as loaded) and the id clients know it by, its
+    processor and generator, and the limits."""
 
     name: str
+    model_id: str
     processor: Processor
     generator: Generator
     max_images: int
     max_body_bytes: int
     read_paths: bool  # whether image_url may name a file on this machine
+    context: int | None  # the tokens a prompt and its answer may hold together
     parser: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="mm1-parse")
     )
@@ -171,64 +263,147 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def parse_request(body: bytes, served: Served) -> ChatRequest:
     """A chat completion request's JSON -> the prompt's model inputs and the settings."""
+    request = read_json(body)
+    unknown = [name for name in request if name not in REQUEST_FIELDS]
+    if unknown:
+        raise ApiError(
+            400, f"unknown field {_shown(unknown[0])}; known: {', '.join(REQUEST_FIELDS)}"
+        )
+    model = request.get("model")
+    if model not in (None, "", served.model_id):
+        raise ApiError(404, f"unknown model {_shown(model)}; this server has {served.model_id!r}")
+    if request.get("n", 1) != 1:
+        raise ApiError(400, "n must be 1: one answer per request")
+    _option(request, "user", str, None)
+    _option(request, "stream_options", dict, None)
+    settings, stream = read_settings(request), _option(request, "stream", bool, False)
+    messages, images = read_messages(request.get("messages"), served.read_paths)
+    if len(images) > served.max_images:
+        raise ApiError(
+            400, f"too many images: {len(images)}, at most {served.max_images} a request"
+        )
+    inputs = prompt_inputs(served.processor, messages, images)
+    return ChatRequest(inputs, fit_context(inputs, settings, served.context), stream)
+
+
+def read_json(body: bytes) -> dict[str, Any]:
     try:
-        request = json.loads(body)
+        request = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
     except ValueError as error:
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
     if not isinstance(request, dict):
         raise ApiError(400, "the body must be a JSON object")
-    model = request.get("model")
-    if model not in (None, "", served.name):
-        raise ApiError(404, f"unknown model {model!r}; this server has {served.name!r}")
-    if request.get("n", 1) != 1:
-        raise ApiError(400, "n must be 1: one answer per request")
-    settings, stream = read_settings(request), _option(request, "stream", bool, False)
-    messages, images = read_messages(request.get("messages"), served.read_paths)
-    if images > served.max_images:
-        raise ApiError(400, f"too many images: {images}, at most {served.max_images} a request")
-    try:  # decodes the images and lays out the prompt
-        inputs = served.processor.apply_chat_template(messages)
+    return request
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def prompt_inputs(
+    processor: Processor, messages: list[dict[str, Any]], images: list
+) -> PromptInputs:
+    """The processor's inputs for the messages, whose image parts name the `images` they hold
+    by index. The pictures are decoded here, one by one, and dropped once tiled."""
+    decoded = [decode_image(source, where) for source, where in images]
+    for message in messages:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "image":
+                    part["image"] = decoded[part["image"]]
+    try:  # lays out the prompt and tiles the images
+        return processor.apply_chat_template(messages)
     except UserError as error:
         raise ApiError(400, str(error)) from None
-    return ChatRequest(inputs, settings, stream)
 
 
-def read_messages(messages: Any, read_paths: bool) -> tuple[list[dict[str, Any]], int]:
-    """OpenAI messages -> the processor's (an image part holds its bytes or its path), and how
-    many images they hold. The processor checks roles and contents."""
+def fit_context(
+    inputs: PromptInputs, settings: GenerationSettings, context: int | None
+) -> GenerationSettings:
+    """`settings` with max_tokens capped to what the context leaves after the prompt; a prompt
+    that leaves no room for an answer is refused."""
+    if context is None:
+        return settings
+    prompt = len(inputs.input_ids)
+    if prompt >= context:
+        raise ApiError(
+            400,
+            f"the prompt is {prompt:,} tokens (its text and images); this model's context holds "
+            f"{context:,}, and the answer needs at least one",
+            "context_length_exceeded",
+        )
+    return dataclasses.replace(settings, max_tokens=min(settings.max_tokens, context - prompt))
+
+
+def read_messages(messages: Any, read_paths: bool) -> tuple[list[dict[str, Any]], list]:
+    """OpenAI messages -> the processor's, each image part holding the index of its picture in
+    the list of (bytes or path, where in the request) returned with them."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
-    converted, images = [], 0
+    converted, images = [], []
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise ApiError(400, f"messages[{i}] must be an object with a role and a content")
-        content = message.get("content")
+            raise ApiError(400, f"{where} must be an object with a role and a content")
+        _check_fields(message, MESSAGE_FIELDS, where)
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}")
+        _option(message, "name", str, None)
         if isinstance(content, list):
-            where = f"messages[{i}].content"
             content = [
-                read_part(part, f"{where}[{j}]", read_paths) for j, part in enumerate(content)
+                read_part(part, f"{where}.content[{j}]", read_paths, images)
+                for j, part in enumerate(content)
             ]
-            images += sum(part["type"] == "image" for part in content)
-        converted.append({"role": message.get("role"), "content": content})
+        else:
+            content = _text(content, f"{where}.content", "a string or a list of parts")
+        converted.append({"role": role, "content": content})
     return converted, images
 
 
-def read_part(part: Any, where: str, read_paths: bool) -> dict[str, Any]:
+def read_part(part: Any, where: str, read_paths: bool, images: list) -> dict[str, Any]:
+    """A content part -> the processor's; an image's source is appended to `images`."""
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
-        return part
+    if kind == "text":
+        _check_fields(part, ("type", "text"), where)
+        return {"type": "text", "text": _text(part.get("text"), f"{where}.text", "a string")}
     if kind == "image_url":
+        _check_fields(part, ("type", "image_url"), where)
         url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url  # {"url": ...} or the url itself
-        return {"type": "image", "image": read_image_url(url, where, read_paths)}
+        if isinstance(url, dict):  # {"url": ..., "detail": ...} or the url itself
+            _check_fields(url, IMAGE_URL_FIELDS, f"{where}.image_url")
+            _option(url, "detail", str, None)
+            url = url.get("url")
+        images.append((read_image_url(url, where, read_paths), where))
+        return {"type": "image", "image": len(images) - 1}
     raise ApiError(
         400, f'{where}: a part is {{"type": "text", "text": ...}} or {{"type": "image_url", ...}}'
     )
 
 
+def _check_fields(value: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = [name for name in value if name not in known]
+    if unknown:
+        raise ApiError(
+            400, f"{where}: unknown field {_shown(unknown[0])}; known: {', '.join(known)}"
+        )
+
+
+def _text(value: Any, where: str, kinds: str) -> str:
+    """A string the tokenizer can take (lone UTF-16 surrogates are no text)."""
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where} must be {kinds}, not {_shown(value)}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{where} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 def read_image_url(url: Any, where: str, read_paths: bool) -> bytes | Path:
-    """A data URL's bytes, or the path a file:// URL or a plain path names. The processor
-    decodes them, in memory, and refuses what is not an image or is too large."""
+    """A data URL's bytes, or the path a file:// URL or a plain path names."""
     if not isinstance(url, str) or not url:
         raise ApiError(400, f"{where}: image_url needs a url (a data URL or a local path)")
     if url.startswith("data:"):
@@ -241,10 +416,40 @@ def read_image_url(url: Any, where: str, read_paths: bool) -> bytes | Path:
             raise ApiError(400, f"{where}: the data URL's base64 is invalid") from None
     parsed = urlparse(url)
     if parsed.scheme not in ("", "file"):
-        raise ApiError(400, f"{where}: {parsed.scheme} URLs are not fetched; send a data URL")
+        raise ApiError(
+            400, f"{where}: {_shown(parsed.scheme)} URLs are not fetched; send a data URL"
+        )
     if not read_paths:
         raise ApiError(400, f"{where}: this server reads no local files; send a data URL")
     return Path(unquote(parsed.path) if parsed.scheme else url).expanduser()
+
+
+def decode_image(source: bytes | Path, where: str) -> Image.Image:
+    """The picture, decoded in memory once its header shows at most MAX_IMAGE_PIXELS. Whatever
+    fails with a path gets one message: the answer must not tell which files exist here."""
+    try:
+        width, height = image_size(source)
+        if width * height > MAX_IMAGE_PIXELS:
+            raise UserError(
+                f"{width}x{height} has too many pixels (more than {MAX_IMAGE_PIXELS:,})"
+            )
+        return load_image(source)
+    except UserError as error:
+        hidden = isinstance(source, Path)
+        message = "no such image file, or none this server reads" if hidden else str(error)
+        raise ApiError(400, f"{where}: {message}") from None
+
+
+def image_size(source: bytes | Path) -> tuple[int, int]:
+    """The picture's (width, height) from its header; (0, 0) where the header does not say
+    (load_image then names what is wrong)."""
+    if isinstance(source, Path):
+        return read_image_size(source)
+    try:
+        with Image.open(io.BytesIO(source)) as image:
+            return image.size
+    except Exception:  # PIL raises many types on bad headers
+        return 0, 0
 
 
 def read_settings(request: dict[str, Any]) -> GenerationSettings:
@@ -255,7 +460,7 @@ def read_settings(request: dict[str, Any]) -> GenerationSettings:
         temperature=_option(request, "temperature", float, defaults.temperature, low=0, high=2),
         top_p=_option(request, "top_p", float, defaults.top_p, low=0, high=1),
         stop=read_stop(request.get("stop")),
-        seed=_option(request, "seed", int, None),
+        seed=_option(request, "seed", int, None, *SEED_RANGE),
     )
 
 
@@ -274,18 +479,29 @@ def _option(
     if kind is float and type(value) is int:
         value = float(value)
     if type(value) is not kind:  # `type`, not isinstance: true is not an integer here
-        raise ApiError(400, f"{name} must be {_KINDS[kind]}, not {json.dumps(value)[:40]}")
+        raise ApiError(400, f"{name} must be {_KINDS[kind]}, not {_shown(value)}")
+    if kind is float and not math.isfinite(value):
+        raise ApiError(400, f"{name} must be a finite number, not {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise ApiError(400, f"{name} must be {bounds}, not {value}")
+        raise ApiError(400, f"{name} must be {bounds}, not {_shown(value)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A request value as an error message quotes it: scalars (shortened), else their kind."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    if isinstance(value, (int, float, bool)) or value is None:
+        return json.dumps(value)[:40]
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def read_stop(stop: Any) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "stop must be a string or a list of non-empty strings")
-    return tuple(stops)
+    return tuple(_text(s, "stop", "a string") for s in stops)
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -333,9 +549,12 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def stream_events(job: Job, completion: Completion) -> AsyncIterator[str]:
+async def stream_events(
+    job: Job, completion: Completion, watcher: asyncio.Task
+) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: a first chunk with the role, the text's chunks,
-    a last chunk with the finish reason (and the statistics), then [DONE]."""
+    a last chunk with the finish reason (and the statistics), then [DONE]. `watcher` (see
+    cancel_when_gone) ends with the stream."""
     try:
         yield sse(completion.chunk({"role": "assistant", "content": ""}))
         async for chunk in answer(job):
@@ -344,9 +563,10 @@ async def stream_events(job: Job, completion: Completion) -> AsyncIterator[str]:
             if chunk.finish_reason:
                 yield sse(completion.chunk({}, chunk))
     except Exception as error:  # the status line is sent: the error goes in the stream
-        yield sse(error_body(f"generation failed: {error}", "server_error"))
+        yield sse(error_body(internal_error(error), "server_error"))
     finally:
         job.cancel()  # where the client went away (the stream was closed early)
+        watcher.cancel()
     yield "data: [DONE]\n\n"
 
 
@@ -363,15 +583,25 @@ async def disconnected(request: Request) -> None:
         pass
 
 
+def cancel_when_gone(request: Request, job: Job) -> asyncio.Task:
+    """Cancels `job` when its client goes away: at once, even while nothing is being sent
+    (a queued job, or one still prefilling). Ends with the connection."""
+
+    async def watch() -> None:
+        await disconnected(request)
+        job.cancel()  # a no-op for a job already answered
+
+    return asyncio.ensure_future(watch())
+
+
 async def complete(request: Request, job: Job, completion: Completion) -> Response:
     """The whole answer as one chat.completion, unless the client leaves first."""
+    leaving = cancel_when_gone(request, job)
     answering = asyncio.ensure_future(collect(job))
-    leaving = asyncio.ensure_future(disconnected(request))
     await asyncio.wait([answering, leaving], return_when=asyncio.FIRST_COMPLETED)
     leaving.cancel()
     if not answering.done():
         answering.cancel()
-        job.cancel()
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     return JSONResponse(completion.message(*answering.result()))
 
@@ -385,7 +615,7 @@ async def page(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     served: Served = request.app.state.served
-    model = {"id": served.name, "object": "model", "created": 0, "owned_by": "mm1-mlx"}
+    model = {"id": served.model_id, "object": "model", "created": 0, "owned_by": "mm1-mlx"}
     return JSONResponse({"object": "list", "data": [model]})
 
 
@@ -400,11 +630,16 @@ async def chat_completions(request: Request) -> Response:
     loop = asyncio.get_running_loop()
     chat = await loop.run_in_executor(served.parser, parse_request, body, served)
     job = served.generator.submit(chat.inputs, chat.settings)
-    completion = Completion(served.name)
+    completion = Completion(served.model_id)
     if chat.stream:
-        events = stream_events(job, completion)
+        events = stream_events(job, completion, cancel_when_gone(request, job))
         return StreamingResponse(events, media_type="text/event-stream")
     return await complete(request, job, completion)
+
+
+def internal_error(error: Exception) -> str:
+    """What a client is told of a failure (its text may name files here): its kind only."""
+    return f"internal error ({type(error).__name__}); the server's log has the details"
 
 
 async def api_error(request: Request, error: ApiError) -> Response:
@@ -417,7 +652,35 @@ async def http_error(request: Request, error: HTTPException) -> Response:
 
 
 async def server_error(request: Request, error: Exception) -> Response:
-    return JSONResponse(error_body(f"internal error: {error}", "server_error"), status_code=500)
+    return JSONResponse(error_body(internal_error(error), "server_error"), status_code=500)
+
+
+class HostGuard:
+    """Refuses, with a JSON error, requests whose Host header names none of `hosts`: a web page
+    that rebinds its own domain to this machine's address cannot reach the server."""
+
+    def __init__(self, app: ASGIApp, hosts: list[str]):
+        self.app, self.hosts = app, {host.lower() for host in hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and host_name(Headers(scope=scope).get("host", "")) not in self.hosts
+        ):
+            message = "this server answers only to its own host names (the Host header)"
+            refusal = JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """A Host header without its port; an IPv6 address keeps its brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        address, _, port = header.partition("]")
+        return address + "]" if port[:1] in ("", ":") else header
+    return header.partition(":")[0]
 
 
 @asynccontextmanager
@@ -426,6 +689,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     served: Served = app.state.served
     served.generator.close()
     served.parser.shutdown(wait=False, cancel_futures=True)
+
+
+def model_context(model: MM1Model) -> int | None:
+    """The positions the model's decoder was made for (None where its config does not say)."""
+    return model.config.text_config.get("max_position_embeddings")
 
 
 def create_app(
@@ -437,10 +705,15 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     read_paths: bool = True,
     allowed_hosts: list[str] | None = None,
+    context: int | None = None,
+    prefill_piece: int = PREFILL_PIECE,
 ) -> Starlette:
-    """The app serving `model` as `name`. `allowed_hosts`: the Host names requests may carry
-    (None: any); a loopback server allows only loopback names, so a web page that rebinds its
-    own domain to 127.0.0.1 cannot reach it."""
+    """The app serving `model`, loaded from `name` (a folder or a name; clients see its last
+    part, never a path). `allowed_hosts`: the Host names requests may carry (None: any); a
+    loopback server allows only loopback names, so a web page that rebinds its own domain to
+    127.0.0.1 cannot reach it. `context`: the tokens a prompt and its answer may hold (default:
+    the model's max_position_embeddings). `prefill_piece`: the prompt tokens prefilled between
+    two looks for a cancelled request."""
     app = Starlette(
         routes=[
             Route("/", page),
@@ -448,7 +721,7 @@ def create_app(
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["*"])],
+        middleware=[Middleware(HostGuard, hosts=allowed_hosts)] if allowed_hosts else [],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
@@ -456,8 +729,17 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    generator = Generator(model, processor)
-    app.state.served = Served(name, processor, generator, max_images, max_body_bytes, read_paths)
+    generator = Generator(model, processor, prefill_piece)
+    app.state.served = Served(
+        name,
+        Path(name).name or name,
+        processor,
+        generator,
+        max_images,
+        max_body_bytes,
+        read_paths,
+        context or model_context(model),
+    )
     return app
 
 
@@ -475,9 +757,9 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:
     model = str(model_or_default(model))
     loaded, processor = load(model)
     local = is_loopback(host)
-    hosts = [*LOOPBACK_HOSTS, host] if local else None
-    app = create_app(loaded, processor, model, read_paths=local, allowed_hosts=hosts)
     address = f"[{host}]" if ":" in host else host
+    hosts = [*LOOPBACK_HOSTS, address] if local else None
+    app = create_app(loaded, processor, model, read_paths=local, allowed_hosts=hosts)
     print(f"mm1-mlx app: http://{address}:{port}  (Ctrl+C stops it)", flush=True)
     if not local:
         print("Listening beyond this machine: anyone who reaches it can use the model; "
