@@ -78,8 +78,13 @@ REQUEST_FIELDS = (
 MESSAGE_FIELDS = ("role", "content", "name")
 IMAGE_URL_FIELDS = ("url", "detail")
 SEED_RANGE = (0, 2**64 - 1)
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-_KINDS |= {dict: "an object"}
+_KINDS = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "an object",
+}
 ONE_TOKEN = GenerationSettings(max_tokens=1)  # what a prefill piece is answered with
 log = logging.getLogger(__name__)
 
@@ -110,7 +115,8 @@ class Job:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
 
     def cancel(self) -> None:
-        """Skip the generation if it is queued, stop it at its next token if it is running."""
+        """Skip the generation if it is queued, stop it after its prefill piece or at its next
+        token if it is running."""
         self.cancelled.set()
 
 
@@ -180,7 +186,7 @@ class Generator:
     def _piece_ends(self, ids: list[int], reused: int) -> list[int]:
         """Where the prompt's prefill pieces end: every `prefill_piece` tokens after the reused
         prefix, moved back out of image tiles (a tile's tokens come from one encoder call).
-        None where the cache cannot be trimmed back after each piece."""
+        None where the cache cannot be trimmed back after each piece (one piece, then)."""
         if not can_trim_prompt_cache(self.prompt_cache.cache):
             return []
         ends = []
@@ -571,10 +577,12 @@ async def stream_events(
 
 
 async def collect(job: Job) -> tuple[str, GenerationChunk]:
-    pieces = []
-    async for chunk in answer(job):
-        pieces.append(chunk.text)
-    return "".join(pieces), chunk
+    pieces, last = [], None
+    async for last in answer(job):
+        pieces.append(last.text)
+    if last is None:  # the server stopped the job before its first token
+        raise ApiError(503, "the server is stopping; the request was not answered", "server_error")
+    return "".join(pieces), last
 
 
 async def disconnected(request: Request) -> None:

@@ -431,7 +431,8 @@ def test_leaving_during_prefill_stops_before_the_next_piece(
     if stream:  # the first event comes before the prefill: leave once the worker is in it
         with httpx.Client(base_url=url, timeout=10) as other:
             with other.stream("POST", "/v1/chat/completions", json=body) as events:
-                next(events.iter_lines())
+                lines = events.iter_lines()  # kept: once collected, it closes the connection
+                next(lines)
                 assert held.entered.wait(5)
     else:
         with pytest.raises(httpx.ReadTimeout):
