@@ -100,6 +100,11 @@ def user(content) -> dict:
     return {"json": {"messages": [{"role": "user", "content": content}]}}
 
 
+def pictures(count: int) -> dict:
+    part = {"type": "image_url", "image_url": {"url": data_url(png_of((8, 8), (0, 0, 0)))}}
+    return user([part] * count)
+
+
 def chunked(body: bytes, size: int = 50_000):
     """`body` sent chunked, without a Content-Length."""
     for start in range(0, len(body), size):
@@ -124,7 +129,7 @@ BAD_REQUESTS = [
         raw(HELLO_JSON[:-1] + b', {"role": "user", "content": "\\ud800"}]}'),
         400,
         "not valid Unicode",
-    ),  # fmt: skip
+    ),
     ("temperature below 0", asking(temperature=-0.1), 400, "temperature must be from 0 to 2"),
     ("temperature text", asking(temperature="hot"), 400, "temperature must be a number"),
     ("top_p over 1", asking(top_p=1.5), 400, "top_p must be from 0 to 1"),
@@ -152,7 +157,7 @@ BAD_REQUESTS = [
         {"json": {"messages": [{**HELLO[0], "tool_calls": []}]}},
         400,
         "messages[0]: unknown field 'tool_calls'",
-    ),  # fmt: skip
+    ),
     ("role number", {"json": {"messages": [{"role": 5, "content": "hi"}]}}, 400, "role"),
     ("role tool", {"json": {"messages": [{"role": "tool", "content": "hi"}]}}, 400, "role"),
     ("name list", {"json": {"messages": [{**HELLO[0], "name": []}]}}, 400, "name must be"),
@@ -166,7 +171,7 @@ BAD_REQUESTS = [
         user([{"type": "image_url", "image_url": {"url": "", "size": 1}}]),
         400,
         "image_url: unknown field 'size'",
-    ),  # fmt: skip
+    ),
     ("image_url null", user([{"type": "image_url", "image_url": None}]), 400, "needs a url"),
     ("image url number", with_image(5), 400, "needs a url"),
     ("data URL, no comma", with_image("data:image/png;base64"), 400, "empty"),
@@ -183,17 +188,12 @@ BAD_REQUESTS = [
         with_image(data_url(png_header(100_000, 100_000))),
         400,
         "too many pixels",
-    ),  # fmt: skip
+    ),
     ("ftp URL", with_image("ftp://example.com/a.png"), 400, "'ftp' URLs are not fetched"),
     ("missing path", with_image("/nowhere/at/all.png"), 400, PATH_REFUSAL),
     ("path of a folder", with_image("/"), 400, PATH_REFUSAL),
     ("path of a non-image", with_image(server.__file__), 400, PATH_REFUSAL),
-    (
-        "too many images",
-        {"json": {"messages": [with_image("x")["json"]["messages"][0]] * 3}},
-        400,
-        f"at most {MAX_IMAGES}",
-    ),  # fmt: skip
+    ("too many images", pictures(MAX_IMAGES + 1), 400, f"at most {MAX_IMAGES}"),
     ("prompt over the context", user(LONG_TEXT), 400, f"context holds {CONTEXT}"),
     ("over-long body", raw(TOO_BIG), 413, f"over {MAX_BODY:,} bytes"),
     ("over-long body, chunked", raw(chunked(TOO_BIG)), 413, "over"),
@@ -203,7 +203,7 @@ BAD_REQUESTS = [
         {"json": {"messages": HELLO}, "headers": {"host": "attacker.example"}},
         400,
         "Host header",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -225,14 +225,13 @@ def test_the_server_serves_on_after_bad_requests(client):
 
 
 def test_a_path_error_does_not_tell_whether_the_file_exists(client, tmp_path):
-    messages = {}
-    for name, path in [("missing", tmp_path / "none.png"), ("present", tmp_path / "x.png")]:
-        if name == "present":
-            path.write_bytes(b"not a picture")
-        response = client.post("/v1/chat/completions", **with_image(str(path)))
-        assert response.status_code == 400
-        messages[name] = response.json()["error"]["message"].replace(str(path), "PATH")
-    assert messages["missing"] == messages["present"]
+    present = tmp_path / "present.png"
+    present.write_bytes(b"not a picture")
+    answers = [
+        client.post("/v1/chat/completions", **with_image(str(path))).json()["error"]["message"]
+        for path in (tmp_path / "missing.png", present, tmp_path)
+    ]
+    assert len(set(answers)) == 1, answers
 
 
 def test_a_failure_inside_names_no_server_path(served_app, client, monkeypatch):
