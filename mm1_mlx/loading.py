@@ -8,9 +8,9 @@ tokenizer files. Folders are written atomically: into a temporary sibling, then 
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,10 @@ def quantize_like(model: nn.Module, quantization: dict[str, Any], weights: dict)
 
 def load_model(path_or_repo: str | Path, lazy: bool = False) -> MM1Model:
     folder = resolve_path(path_or_repo)
-    config = read_config(folder)
+    return _load_model(folder, read_config(folder), lazy)
+
+
+def _load_model(folder: Path, config: MM1Config, lazy: bool) -> MM1Model:
     model = MM1Model(config)
     weights: dict[str, mx.array] = {}
     for file in _weight_files(folder):
@@ -123,29 +126,71 @@ def load_model(path_or_repo: str | Path, lazy: bool = False) -> MM1Model:
 
 
 def load(path_or_repo: str | Path, lazy: bool = False):
-    """`model, processor = load(folder_or_hub_id)`."""
+    """`model, processor = load(folder_or_hub_id)`. The tokenizer is read first: a folder
+    without one fails before its weights are read."""
+    folder = resolve_path(path_or_repo)
+    config = read_config(folder)
+    processor = load_processor(folder, config)
+    return _load_model(folder, config, lazy), processor
+
+
+def load_processor(folder: Path, config: MM1Config):
+    """The folder's tokenizer as a Processor, or a one-line UserError."""
     from mm1_mlx.processor import Processor
 
-    folder = resolve_path(path_or_repo)
-    model = load_model(folder, lazy=lazy)
-    return model, Processor.from_folder(folder, model.config)
+    if not any((folder / name).is_file() for name in TOKENIZER_MODELS):
+        names = ", ".join(TOKENIZER_MODELS)
+        raise UserError(f"{folder}: no tokenizer files (one of {names})")
+    try:
+        return Processor.from_folder(folder, config)
+    except Exception as error:  # transformers raises many kinds for a bad tokenizer folder
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{folder}: cannot load the tokenizer ({reason})") from None
 
 
 def check_writable(out: Path, overwrite: bool = False) -> None:
-    """Refuse an output that exists (an empty folder aside) unless it may be replaced: checked
-    again by `atomic_folder`, and first by long jobs, before their work."""
+    """Refuse an output folder that exists (an empty folder aside) unless it may be replaced,
+    or that cannot be created: checked again by `atomic_folder`, and first by long jobs,
+    before their work."""
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists (pass --force to replace it)")
+    _check_creatable(out)
+
+
+def check_file_writable(path: Path) -> None:
+    """Refuse an output file whose folder is missing or read-only, or that is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: cannot be written, no such folder {path.parent}")
+    _check_creatable(path)
+
+
+def _check_creatable(path: Path) -> None:
+    """`path` can be made: the nearest existing folder above it is a writable folder."""
+    above = next(folder for folder in path.absolute().parents if folder.exists())
+    if not above.is_dir():
+        raise UserError(f"{path}: cannot be written, {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot be written, {above} is not writable")
 
 
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `out` only once everything in it was written."""
+    """Yield a temporary folder that replaces `out` only once everything in it was written;
+    on failure nothing is left, not even the parent folders it made."""
     out = Path(out)
     check_writable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    made = [folder for folder in out.absolute().parents if not folder.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkdtemp: its mode 0700 would stay on the renamed folder; mkdir follows the umask.
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp.mkdir()
+    except OSError as error:
+        raise UserError(f"{out}: cannot be written ({error.strerror})") from None
     try:
         yield tmp
         if out.exists():
@@ -158,6 +203,22 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+            for folder in made:  # innermost first; a folder someone else filled meanwhile stays
+                with suppress(OSError):
+                    folder.rmdir()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling, so it appears whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be written ({error.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_weights(
@@ -212,6 +273,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+# The files that hold a vocabulary: a folder needs one of them to have a tokenizer.
+TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
