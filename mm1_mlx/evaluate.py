@@ -154,9 +154,11 @@ def parse_example(line: str, folder: Path, origin: str) -> EvalExample:
             f"{origin}: 'messages' is a list of {{role, content}} turns ending with the user's"
         )
     paths = [folder / image for image in images]
-    missing = [str(image) for image in paths if not image.is_file()]
-    if missing:
-        raise UserError(f"{origin}: no such image {missing[0]}")
+    for image in paths:  # its header: a file that is no image fails before the model loads
+        try:
+            read_image_size(image)
+        except UserError as error:
+            raise UserError(f"{origin}: {error}") from None
     return EvalExample(task, paths, messages, answer, origin)
 
 

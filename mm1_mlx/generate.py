@@ -18,6 +18,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from mm1_mlx.errors import UserError
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import ImageInput, Processor, PromptInputs
 
@@ -33,6 +34,12 @@ class GenerationSettings:
     repetition_context_size: int = 64
     stop: Sequence[str] = ()  # stop strings (not included in the answer); EOS always stops
     seed: int | None = None
+
+    def __post_init__(self):
+        # mlx-lm reads a negative max_tokens as "no limit": a model that never says EOS would
+        # never stop.
+        if self.max_tokens < 1:
+            raise UserError(f"max_tokens must be at least 1, not {self.max_tokens}")
 
 
 @dataclass
