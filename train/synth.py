@@ -624,8 +624,10 @@ def write_dataset(
     interleaved, text), SFT chats and scenes.jsonl, plus held-out eval/<task>.jsonl sets of
     `eval_per_task` examples. Written to a temporary folder that replaces `out` at the end."""
     check_style(style)
-    if n < 0 or eval_per_task < 0:
-        raise UserError(f"counts must be >= 0, not n={n}, eval_per_task={eval_per_task}")
+    if n < 1:
+        raise UserError(f"--n must be at least 1 training image, not {n}")
+    if eval_per_task < 0:
+        raise UserError(f"--eval-per-task must be at least 0, not {eval_per_task}")
     rng = random.Random(seed)
     with replacing(out, overwrite) as tmp:
         samplers = (sample_shape_scene, sample_screen_scene)

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from mm1_mlx.errors import UserError
+from mm1_mlx.loading import atomic_folder, check_writable
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 # How the chat template starts each turn: trained on, so a turn's prefix costs two or three tokens.
@@ -27,6 +28,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}" + TURN_PREFIXES["assistant"].rstrip() + "{% endif %}"
 )
 NUMBERS = [str(n) for n in range(1001)]
+# Every byte, the special tokens, and each number alone and after a space as one token (the
+# ten digits are bytes already): no smaller vocabulary can hold them all.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 2 * len(NUMBERS) - 10
 
 
 def texts_of(record: dict) -> Iterator[str]:
@@ -49,20 +53,43 @@ def texts_of(record: dict) -> Iterator[str]:
 def corpus(files: list[Path]) -> Iterator[str]:
     for file in files:
         with open(file) as lines:
-            for line in lines:
-                yield from texts_of(json.loads(line))
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield from texts_of(read_record(line, f"{file}:{number}"))
     # Numbers alone and after a space (how they follow "[" and ", " in boxes).
     for _ in range(2):
         yield " ".join(NUMBERS) + " " + ",".join(NUMBERS)
 
 
-def train_tokenizer(
-    files: list[Path], out: Path, vocab_size: int = 4096
-) -> PreTrainedTokenizerFast:
-    """Train, check that every number is one token, and save to `out` with a chat template."""
+def read_record(line: str, origin: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise UserError(f"{origin}: not JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{origin}: not a JSON object")
+    return record
+
+
+def check_inputs(files: list[Path], out: Path, vocab_size: int, overwrite: bool) -> None:
+    """Everything that can be refused before training."""
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise UserError(f"{missing[0]}: no such file")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small: at least {MIN_VOCAB_SIZE} "
+            "(every byte, the special tokens, and 0..1000 as single tokens)"
+        )
+    check_writable(out, overwrite)
+
+
+def train_tokenizer(
+    files: list[Path], out: Path, vocab_size: int = 4096, overwrite: bool = False
+) -> PreTrainedTokenizerFast:
+    """Train, check that every number is one token, and save to `out` with a chat template
+    (a new folder, or an empty one; with `overwrite`, replacing what is there)."""
+    check_inputs(files, out, vocab_size, overwrite)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -84,7 +111,8 @@ def train_tokenizer(
         n for n in NUMBERS if len(tokenizer.encode(" " + n)) != 1 or len(tokenizer.encode(n)) != 1
     ]
     if split:
-        raise UserError(f"vocab_size {vocab_size} is too small: '{split[0]}' is not one token")
+        raise UserError(f"--vocab-size {vocab_size} is too small: '{split[0]}' is not one token")
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(out))
+    with atomic_folder(Path(out), overwrite) as tmp:
+        tokenizer.save_pretrained(str(tmp))
     return tokenizer
