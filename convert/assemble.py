@@ -1,5 +1,6 @@
 """Assemble a full MM1 model folder from a vision encoder, an LLM and (optionally) a connector."""
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ def _prefixed(prefix: str, weights: dict[str, Any], dtype: mx.Dtype | None) -> d
     return out
 
 
+def _check_image_size(size: int, patch: int) -> None:
+    """The patch grid covers the whole image: a remainder would be cut off unseen."""
+    if size < patch or size % patch:
+        raise UserError(
+            f"--image-size must be a multiple of the encoder's patch size {patch} "
+            f"(e.g. {patch * max(1, round(size / patch))}), not {size}"
+        )
+
+
 def _check_complete(config: MM1Config, weights: dict[str, mx.array]) -> None:
     """Every parameter of the assembled model is present with the right shape."""
     model = MM1Model(config)  # lazy: allocates nothing
@@ -68,14 +78,16 @@ def convert_model(
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
     cast = DTYPES.get(dtype)
-    side = int(num_image_tokens**0.5)
-    if side * side != num_image_tokens:
-        raise UserError(f"--num-image-tokens must be a square number, not {num_image_tokens}")
+    side = math.isqrt(max(num_image_tokens, 0))
+    if num_image_tokens < 1 or side * side != num_image_tokens:
+        raise UserError(f"--num-image-tokens must be a square number >= 1, not {num_image_tokens}")
 
     step("vision encoder")
     vision_config, preprocess, vision_weights = convert_vision(
         resolve_path(vision, _VISION_PATTERNS), **(vision_overrides or {})
     )
+    if (vision_overrides or {}).get("image_size") is not None:
+        _check_image_size(vision_config.image_size, vision_config.patch_size)
     step("language model")
     llm_path = resolve_path(llm)
     text_config = read_text_config(llm_path)
