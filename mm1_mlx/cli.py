@@ -1,12 +1,15 @@
 """The `mm1-mlx` command line."""
 
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from operator import ge, gt, le
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
+from typer.exceptions import TyperException
 
 from mm1_mlx.errors import UserError
 
@@ -23,6 +26,34 @@ def _root() -> None:
     """MM1-style multimodal LLMs in MLX."""
 
 
+MAX_SEED = 2**64 - 1  # the largest seed MLX's generator takes
+
+
+def seed_option(help: str) -> Any:
+    return typer.Option(min=0, max=MAX_SEED, help=help)
+
+
+def finite(
+    low: float | None = None, above: float | None = None, high: float | None = None
+) -> Callable[[float | None], float | None]:
+    """An option callback: a finite number >= low (or > above) and <= high. Typer's own
+    min/max let inf through and have no open bound."""
+    limits = [
+        (compare, sign, bound)
+        for compare, sign, bound in ((ge, ">=", low), (gt, ">", above), (le, "<=", high))
+        if bound is not None
+    ]
+    allowed = " and ".join(f"{sign} {bound}" for _, sign, bound in limits)
+
+    def check(value: float | None) -> float | None:
+        inside = all(compare(value, bound) for compare, _, bound in limits)
+        if value is not None and not (math.isfinite(value) and inside):
+            raise typer.BadParameter(f"must be a finite number {allowed}, not {value}")
+        return value
+
+    return check
+
+
 @app.command()
 def convert(
     vision: Annotated[
@@ -37,29 +68,40 @@ def convert(
         str | None, typer.Option(help="Honeybee checkpoint with a C-Abstractor; fresh if omitted.")
     ] = None,
     connector_type: Annotated[
-        str, typer.Option(help="c-abstractor, avg-pool or attn-pool.")
+        Literal["c-abstractor", "avg-pool", "attn-pool"], typer.Option(help="The connector.")
     ] = "c-abstractor",
-    num_image_tokens: Annotated[int, typer.Option(help="Image tokens per image (a square).")] = 144,
+    num_image_tokens: Annotated[
+        int, typer.Option(min=1, help="Image tokens per image (a square).")
+    ] = 144,
     connector_hidden_dim: Annotated[
-        int, typer.Option(help="Fresh C-Abstractor: RegNet width (Honeybee: 1024).")
+        int, typer.Option(min=1, help="Fresh C-Abstractor: RegNet width (Honeybee: 1024).")
     ] = 1024,
     connector_depth: Annotated[
-        int, typer.Option(help="Fresh C-Abstractor: RegNet blocks per stage (Honeybee: 3).")
+        int,
+        typer.Option(min=1, help="Fresh C-Abstractor: RegNet blocks per stage (Honeybee: 3)."),
     ] = 3,
     dtype: Annotated[
-        str | None, typer.Option(help="float32, float16 or bfloat16 (default: keep).")
+        Literal["float32", "float16", "bfloat16"] | None,
+        typer.Option(help="Weights' type (default: keep)."),
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Input resolution (position embeddings are interpolated).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Input resolution, a multiple of the patch size (position embeddings are "
+            "interpolated).",
+        ),
     ] = None,
     feature_layer: Annotated[
         int | None, typer.Option(help="Encoder hidden state fed to the connector (-1: last block).")
     ] = None,
     vision_heads: Annotated[
-        int | None, typer.Option(help="open_clip without open_clip_config.json: attention heads.")
+        int | None,
+        typer.Option(min=1, help="open_clip without open_clip_config.json: attention heads."),
     ] = None,
     vision_act: Annotated[
-        str | None, typer.Option(help="open_clip without config: quick_gelu or gelu.")
+        Literal["quick_gelu", "gelu"] | None,
+        typer.Option(help="open_clip without config: its activation."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -67,6 +109,9 @@ def convert(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from mm1_mlx.convert.assemble import convert_model
+    from mm1_mlx.loading import check_writable
+
+    check_writable(out, force)
 
     overrides = {
         "image_size": image_size,
@@ -111,7 +156,7 @@ def init(
     config: Annotated[Path, typer.Argument(help="An MM1 config.json (no weights needed).")],
     tokenizer: Annotated[str, typer.Option(help="Tokenizer folder or hub id.")],
     out: Annotated[Path, typer.Option(help="Output model folder.")],
-    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+    seed: Annotated[int, seed_option("Random seed for the initial weights.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     smooth_numbers: Annotated[
         bool,
@@ -120,7 +165,9 @@ def init(
 ) -> None:
     """Create a randomly initialised model folder, to pre-train from scratch."""
     from mm1_mlx.convert.assemble import init_model
+    from mm1_mlx.loading import check_writable
 
+    check_writable(out, force)
     made = init_model(config, tokenizer, out, seed, force, smooth_numbers)
     typer.echo(
         f"wrote {out}: image token id {made.image_token_id}, vocab {made.text_config['vocab_size']}"
@@ -141,8 +188,10 @@ def quantize(
     from rich.console import Console
     from rich.table import Table
 
+    from mm1_mlx.loading import check_writable
     from mm1_mlx.quantize import quantize_folder
 
+    check_writable(out, force)
     console = Console(stderr=True)
     with console.status(f"quantizing to {bits} bits, group size {group_size}"):
         quality = quantize_folder(model, out, bits, group_size, vision, force, report)
@@ -156,18 +205,38 @@ def quantize(
         Console().print(table)
 
 
+MAX_TOKENS = typer.Option(min=1, help="Most tokens per answer.")
+
+
+def non_empty(texts: list[str] | None) -> list[str] | None:
+    """An option callback: no empty string (an empty stop string would end every answer at
+    once)."""
+    if texts and not all(texts):
+        raise typer.BadParameter("must not be empty")
+    return texts
+
+
 @app.command()
 def chat(
     prompt: Annotated[str | None, typer.Argument(help="Ask once and exit; omit to chat.")] = None,
     model: Annotated[str | None, typer.Option(help="Model folder or hub id.")] = None,
     image: Annotated[list[Path] | None, typer.Option(help="An image (repeatable).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
-    temp: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample from the k likeliest (0: off).")] = 0,
-    repetition_penalty: Annotated[float, typer.Option(help="1.0: off.")] = 1.0,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    max_tokens: Annotated[int, MAX_TOKENS] = 256,
+    temp: Annotated[
+        float, typer.Option(callback=finite(low=0), help="Sampling temperature (0: greedy).")
+    ] = 0.0,
+    top_p: Annotated[
+        float,
+        typer.Option(callback=finite(above=0, high=1), help="Nucleus sampling mass (1: off)."),
+    ] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest (0: off).")] = 0,
+    repetition_penalty: Annotated[
+        float, typer.Option(callback=finite(above=0), help="Above 1 penalizes (1: off).")
+    ] = 1.0,
+    stop: Annotated[
+        list[str] | None, typer.Option(callback=non_empty, help="Stop string (repeatable).")
+    ] = None,
+    seed: Annotated[int | None, seed_option("Random seed for sampling.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     verbose: Annotated[bool, typer.Option(help="Print TTFT, tokens/s and peak memory.")] = False,
     annotate: Annotated[
@@ -217,7 +286,7 @@ def app_command(
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every network).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
 ) -> None:
     """A local web app: add screenshots or photos, chat about them, see the boxes drawn.
 
@@ -313,8 +382,8 @@ app.add_typer(data_app, name="data")
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    n: Annotated[int, typer.Option(min=0, help="Training images (half shapes, half screens).")],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    n: Annotated[int, typer.Option(min=1, help="Training images (half shapes, half screens).")],
+    seed: Annotated[int, seed_option("Random seed (same seed, same files).")] = 0,
     style: Annotated[str, typer.Option(help="Renderer: plain, alt or mixed.")] = "mixed",
     eval_per_task: Annotated[
         int, typer.Option(min=0, help="Held-out examples per task in OUT/eval/.")
@@ -339,12 +408,13 @@ def data_tokenizer(
     files: Annotated[list[Path], typer.Argument(help="JSONL data files (any of the formats).")],
     out: Annotated[Path, typer.Option(help="Output tokenizer folder.")],
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size.")] = 4096,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer for a model trained from scratch (one token per
     box coordinate 0..1000), with a User/Assistant chat template."""
     from mm1_mlx.train.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(files, out, vocab_size)
+    tokenizer = train_tokenizer(files, out, vocab_size, force)
     typer.echo(f"wrote {out}: {len(tokenizer)} tokens")
 
 
@@ -355,8 +425,8 @@ def data_dense_pretrain(
     out: Annotated[Path, typer.Option(help="Output model folder.")],
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 400,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 16,
-    lr: Annotated[float, typer.Option(min=0, help="Peak learning rate.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    lr: Annotated[float, typer.Option(callback=finite(above=0), help="Peak learning rate.")] = 1e-3,
+    seed: Annotated[int, seed_option("Random seed.")] = 0,
     log_every: Annotated[
         int, typer.Option(min=1, help="Print loss, learning rate and images/s every N steps.")
     ] = 25,
@@ -389,7 +459,7 @@ def eval_(
         str | None, typer.Option(help="Model folder or hub id (default: the demo model).")
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most N examples per file.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 32,
+    max_tokens: Annotated[int, MAX_TOKENS] = 32,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Per-task accuracy: exact match after trimming and lower-casing; boxes by IoU >= 0.5."""
@@ -400,8 +470,10 @@ def eval_(
     from rich.table import Table
 
     from mm1_mlx.evaluate import evaluate, load_examples
-    from mm1_mlx.loading import load, model_or_default
+    from mm1_mlx.loading import check_file_writable, load, model_or_default, write_text_atomic
 
+    if json_out is not None:
+        check_file_writable(json_out)
     model = model_or_default(model)
     examples = [example for path in data for example in load_examples(path, limit)]
     loaded, processor = load(model)
@@ -417,14 +489,26 @@ def eval_(
         table.add_row(*row)
     Console().print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        write_text_atomic(json_out, json.dumps(report.to_json(), indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:
-    """Console entry point: user errors are one line on stderr and exit code 1."""
+    """Console entry point: user errors are one line on stderr and exit code 1, bad flags one
+    line and exit code 2 (Typer would draw a usage box)."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(error), 1)
+    except TyperException as error:  # a usage error; without a message, the help was shown
+        fail(error.format_message(), error.exit_code)
+    except typer.Abort:
+        fail("aborted", 1)
+    if code:  # typer.Exit's code (Ctrl-C: 130; ranks: theirs)
+        sys.exit(code)
+
+
+def fail(message: str, code: int) -> None:
+    if message:
+        print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(code)

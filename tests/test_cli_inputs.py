@@ -1,0 +1,176 @@
+"""Every flag of `mm1-mlx` is checked before any work: a bad value is one `error:` line naming
+the flag, a non-zero exit, no traceback, and nothing written. One table row per bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from helpers import run_cli
+from PIL import Image
+
+from mm1_mlx import loading
+from mm1_mlx.errors import UserError
+
+CONVERT = ["convert", "--vision", "{vision}", "--llm", "{llm}", "--num-image-tokens", "4"]
+CHAT = ["chat", "--model", "{model}"]
+EVAL = ["eval", "--model", "{model}", "--data", "{eval}"]
+SYNTH = ["data", "synth", "--eval-per-task", "1"]
+DENSE = ["data", "dense-pretrain", "{model}", "--scenes", "{file}", "--out", "{out}"]
+
+# (case, argv with {placeholders}, a substring of the error line)
+CASES = [
+    ("convert: connector width 0", [*CONVERT, "--out", "{out}", "--connector-hidden-dim", "0"],
+     "--connector-hidden-dim"),
+    ("convert: connector depth 0", [*CONVERT, "--out", "{out}", "--connector-depth", "0"],
+     "--connector-depth"),
+    ("convert: connector type", [*CONVERT, "--out", "{out}", "--connector-type", "mlp"],
+     "--connector-type"),
+    ("convert: 0 image tokens", ["convert", "--vision", "{vision}", "--llm", "{llm}", "--out",
+                                 "{out}", "--num-image-tokens", "0"], "--num-image-tokens"),
+    ("convert: image tokens not a square", ["convert", "--vision", "{vision}", "--llm", "{llm}",
+                                            "--out", "{out}", "--num-image-tokens", "5"], "square"),
+    ("convert: image size 0", [*CONVERT, "--out", "{out}", "--image-size", "0"], "--image-size"),
+    ("convert: image size off the patch grid", [*CONVERT, "--out", "{out}", "--image-size", "50"],
+     "multiple of the encoder's patch size 8"),
+    ("convert: image size below a patch", [*CONVERT, "--out", "{out}", "--image-size", "4"],
+     "--image-size"),
+    ("convert: dtype", [*CONVERT, "--out", "{out}", "--dtype", "float8"], "--dtype"),
+    ("convert: vision heads 0", [*CONVERT, "--out", "{out}", "--vision-heads", "0"],
+     "--vision-heads"),
+    ("convert: vision act", [*CONVERT, "--out", "{out}", "--vision-act", "relu"], "--vision-act"),
+    ("convert: feature layer past the encoder", [*CONVERT, "--out", "{out}", "--feature-layer",
+                                                 "100"], "feature_layer 100 is outside"),
+    ("convert: out under a file", [*CONVERT, "--out", "{file}/model"], "is a file, not a folder"),
+    ("convert: out exists", [*CONVERT, "--out", "{full}"], "already exists"),
+    ("init: negative seed", ["init", "{model}/config.json", "--tokenizer", "{model}", "--out",
+                             "{out}", "--seed", "-1"], "--seed"),
+    ("init: out under a file", ["init", "{model}/config.json", "--tokenizer", "{model}", "--out",
+                                "{file}/model"], "is a file, not a folder"),
+    ("quantize: bits", ["quantize", "{model}", "--out", "{out}", "--bits", "7"], "bits"),
+    ("quantize: group size", ["quantize", "{model}", "--out", "{out}", "--group-size", "48"],
+     "group size"),
+    ("quantize: out under a file", ["quantize", "{model}", "--out", "{file}/q"], "is a file"),
+    ("chat: max tokens -1", [*CHAT, "--max-tokens", "-1", "hi"], "--max-tokens"),
+    ("chat: max tokens 0", [*CHAT, "--max-tokens", "0", "hi"], "--max-tokens"),
+    ("chat: max tokens not a number", [*CHAT, "--max-tokens", "many", "hi"], "--max-tokens"),
+    ("chat: negative temperature", [*CHAT, "--temp", "-0.5", "hi"], "--temp"),
+    ("chat: nan temperature", [*CHAT, "--temp", "nan", "hi"], "--temp"),
+    ("chat: infinite temperature", [*CHAT, "--temp", "inf", "hi"], "--temp"),
+    ("chat: top-p 0", [*CHAT, "--top-p", "0", "hi"], "--top-p"),
+    ("chat: top-p above 1", [*CHAT, "--top-p", "1.5", "hi"], "--top-p"),
+    ("chat: negative top-k", [*CHAT, "--top-k", "-1", "hi"], "--top-k"),
+    ("chat: repetition penalty 0", [*CHAT, "--repetition-penalty", "0", "hi"],
+     "--repetition-penalty"),
+    ("chat: nan repetition penalty", [*CHAT, "--repetition-penalty", "nan", "hi"],
+     "--repetition-penalty"),
+    ("chat: empty stop string", [*CHAT, "--stop", "", "hi"], "--stop"),
+    ("chat: negative seed", [*CHAT, "--seed", "-1", "hi"], "--seed"),
+    ("chat: seed past 64 bits", [*CHAT, "--seed", str(2**64), "hi"], "--seed"),
+    ("chat: model without a tokenizer", ["chat", "--model", "{no_tokenizer}", "hi"],
+     "no tokenizer files"),
+    ("chat: missing image", [*CHAT, "--image", "{tmp}/nope.png", "hi"], "no such image file"),
+    ("chat: image that is text", [*CHAT, "--image", "{file}", "hi"], "not an image"),
+    ("app: port past 65535", ["app", "--model", "{model}", "--port", "70000"], "--port"),
+    ("app: port 0", ["app", "--model", "{model}", "--port", "0"], "--port"),
+    ("eval: max tokens -1", [*EVAL, "--max-tokens", "-1"], "--max-tokens"),
+    ("eval: limit 0", [*EVAL, "--limit", "0"], "--limit"),
+    ("eval: json into a missing folder", [*EVAL, "--json", "{tmp}/nowhere/r.json"],
+     "no such folder"),
+    ("eval: json onto a folder", [*EVAL, "--json", "{tmp}"], "is a folder"),
+    ("eval: json under a file", [*EVAL, "--json", "{file}/r.json"], "no such folder"),
+    ("eval: image that is text", ["eval", "--model", "{model}", "--data", "{text_image_eval}"],
+     "not an image"),
+    ("synth: n 0", [*SYNTH, "--out", "{out}", "--n", "0"], "--n"),
+    ("synth: negative n", [*SYNTH, "--out", "{out}", "--n", "-3"], "--n"),
+    ("synth: negative eval per task", ["data", "synth", "--out", "{out}", "--n", "2",
+                                       "--eval-per-task", "-1"], "--eval-per-task"),
+    ("synth: negative seed", [*SYNTH, "--out", "{out}", "--n", "2", "--seed", "-1"], "--seed"),
+    ("synth: out under a file", [*SYNTH, "--out", "{file}/data", "--n", "2"], "is a file"),
+    ("tokenizer: out is a file", ["data", "tokenizer", "{jsonl}", "--out", "{file}"],
+     "already exists"),
+    ("tokenizer: vocabulary too small", ["data", "tokenizer", "{jsonl}", "--out", "{out}",
+                                         "--vocab-size", "10"], "--vocab-size"),
+    ("tokenizer: a line that is not JSON", ["data", "tokenizer", "{bad_jsonl}", "--out", "{out}"],
+     "not JSON"),
+    ("dense-pretrain: nan learning rate", [*DENSE, "--lr", "nan"], "--lr"),
+    ("dense-pretrain: learning rate 0", [*DENSE, "--lr", "0"], "--lr"),
+    ("dense-pretrain: negative seed", [*DENSE, "--seed", "-1"], "--seed"),
+    ("unknown option", [*CHAT, "--temperature", "1", "hi"], "--temperature"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model_dir, tmp_path_factory):
+    """Placeholders of CASES that stay the same for the module (the tiny model and its parts,
+    data files); {out} and {tmp} are per test."""
+    root = tmp_path_factory.mktemp("inputs")
+    text = root / "notes.png"
+    text.write_text("not an image")
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "image.png")
+    example = {"task": "t", "messages": [{"role": "user", "content": "Hi?"}], "answer": "a"}
+    (root / "eval.jsonl").write_text(json.dumps({**example, "images": ["image.png"]}) + "\n")
+    (root / "text_image.jsonl").write_text(json.dumps({**example, "images": ["notes.png"]}) + "\n")
+    (root / "data.jsonl").write_text(json.dumps({"text": "a red circle"}) + "\n")
+    (root / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
+    no_tokenizer = root / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, no_tokenizer / name)
+    return {
+        "model": tiny_model_dir,
+        "full": tiny_model_dir,
+        "vision": tiny_model_dir.parent / "vision",
+        "llm": tiny_model_dir.parent / "llm",
+        "file": text,
+        "eval": root / "eval.jsonl",
+        "text_image_eval": root / "text_image.jsonl",
+        "jsonl": root / "data.jsonl",
+        "bad_jsonl": root / "bad.jsonl",
+        "no_tokenizer": no_tokenizer,
+    }
+
+
+def snapshot(*folders) -> dict:
+    """Every path under the folders with its size and modification time."""
+    return {
+        path: (path.stat().st_size, path.stat().st_mtime_ns)
+        for folder in folders
+        for path in [folder, *folder.rglob("*")]
+    }
+
+
+@pytest.mark.parametrize("case, argv, message", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, case, argv, message):
+    values = {**inputs, "out": tmp_path / "out", "tmp": tmp_path}
+    args = [arg.format(**values) for arg in argv]
+    watched = [tmp_path, inputs["file"].parent, inputs["model"].parent]
+    before = snapshot(*watched)
+    code, out, err = run_cli(*args)
+    assert code != 0, (case, out, err)
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert snapshot(*watched) == before
+
+
+def test_a_failed_folder_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "made" / "for" / "model"
+    with pytest.raises(RuntimeError), loading.atomic_folder(out) as tmp:
+        (tmp / "half.safetensors").write_bytes(b"half")
+        raise RuntimeError("failed while writing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    # Permissions do not stop root, who runs these tests in containers: os.access decides.
+    monkeypatch.setattr(loading.os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match="not writable"):
+        loading.check_writable(tmp_path / "model")
+    with pytest.raises(UserError, match="not writable"):
+        loading.check_file_writable(tmp_path / "report.json")
+
+
+def test_help_still_shows(tmp_path):
+    code, out, _ = run_cli("chat", "--help")
+    assert code == 0 and "--max-tokens" in out
