@@ -38,8 +38,9 @@ QUESTION = "Where is the Send button?"
 @pytest.fixture(scope="module")
 def app(tiny_model):
     model, processor = tiny_model
+    # A context longer than the tiny model's, so that a long answer outlasts a client's timeout.
     return server.create_app(
-        model, processor, "tiny", max_images=MAX_IMAGES, max_body_bytes=MAX_BODY
+        model, processor, "tiny", max_images=MAX_IMAGES, max_body_bytes=MAX_BODY, context=4096
     )
 
 
