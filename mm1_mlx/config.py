@@ -24,6 +24,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: no such file") from None
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: cannot read JSON ({error})") from None
+    except RecursionError:
+        raise UserError(f"{path}: cannot read JSON (nested too deeply)") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a JSON object")
     return values

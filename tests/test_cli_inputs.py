@@ -45,6 +45,8 @@ CASES = [
     ("convert: out exists", [*CONVERT, "--out", "{full}"], "already exists"),
     ("init: negative seed", ["init", "{model}/config.json", "--tokenizer", "{model}", "--out",
                              "{out}", "--seed", "-1"], "--seed"),
+    ("init: config nested 100k deep", ["init", "{deep_json}", "--tokenizer", "{model}", "--out",
+                                       "{out}"], "nested too deeply"),
     ("init: out under a file", ["init", "{model}/config.json", "--tokenizer", "{model}", "--out",
                                 "{file}/model"], "is a file, not a folder"),
     ("quantize: bits", ["quantize", "{model}", "--out", "{out}", "--bits", "7"], "bits"),
@@ -113,6 +115,7 @@ def inputs(tiny_model_dir, tmp_path_factory):
     (root / "text_image.jsonl").write_text(json.dumps({**example, "images": ["notes.png"]}) + "\n")
     (root / "data.jsonl").write_text(json.dumps({"text": "a red circle"}) + "\n")
     (root / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     no_tokenizer = root / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -128,6 +131,7 @@ def inputs(tiny_model_dir, tmp_path_factory):
         "jsonl": root / "data.jsonl",
         "bad_jsonl": root / "bad.jsonl",
         "no_tokenizer": no_tokenizer,
+        "deep_json": root / "deep.json",
     }
 
 

@@ -89,6 +89,7 @@ CASES = [
     ("data not a table", set_("data=3"), "data must be a table ([data]), not 3"),
     ("sources not a list", set_("data.sources=3"), "data.sources must be a list of tables ([[data.sources]])"),
     ("no sources", set_("data.sources=[]"), "data.sources: the recipe has no data sources"),
+    ("validation without data", set_("log.eval_every=10"), "log.eval_every is 10 but the recipe has no validation data"),
     ("source weight 0", toml(SOURCE + "weight = 0"), "data.sources[0].weight must be a finite number > 0, not 0"),
     ("source weight nan", toml(SOURCE + "weight = nan"), "data.sources[0].weight must be a finite number > 0, not nan"),
     ("source weight a word", toml(SOURCE + "weight = 'heavy'"), "data.sources[0].weight must be a finite number > 0"),

@@ -282,7 +282,8 @@ def _modules(value: Any, where: str) -> dict[str, ModuleSettings]:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """What no single value says: the warm-up fits in the steps; there is data to train on."""
+    """What no single value says: the warm-up fits in the steps; there is data to train on and,
+    when validation is asked for, data to validate on."""
     steps, warmup = recipe.train.steps, recipe.optimizer.warmup_steps
     if warmup > steps:
         raise UserError(
@@ -290,6 +291,11 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if not recipe.data.sources:
         raise UserError("data.sources: the recipe has no data sources ([[data.sources]])")
+    if recipe.log.eval_every and not recipe.data.validation:
+        raise UserError(
+            f"log.eval_every is {recipe.log.eval_every} but the recipe has no validation data "
+            "([[data.validation]]); 0 turns validation off"
+        )
 
 
 # -- reading ------------------------------------------------------------------------------------
