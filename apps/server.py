@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import uuid
@@ -758,10 +759,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, or a one-line UserError (an unknown host, a
+    port in use or reserved): taken before the model loads, and kept for uvicorn, so no other
+    program can take the port in between."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"--host {host!r}: not an address of this machine") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    return listener
+
+
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:
     """`mm1-mlx app`: load the model, then serve the page and the API until Ctrl+C."""
     from mm1_mlx.loading import load, model_or_default
 
+    listener = listening_socket(host, port)
     model = str(model_or_default(model))
     loaded, processor = load(model)
     local = is_loopback(host)
@@ -782,4 +803,4 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:
         handle_exit(signum, frame)
 
     server.handle_exit = stop
-    server.run()
+    server.run(sockets=[listener])

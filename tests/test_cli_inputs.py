@@ -3,6 +3,7 @@ the flag, a non-zero exit, no traceback, and nothing written. One table row per 
 
 import json
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -75,6 +76,9 @@ CASES = [
     ("chat: image that is text", [*CHAT, "--image", "{file}", "hi"], "not an image"),
     ("app: port past 65535", ["app", "--model", "{model}", "--port", "70000"], "--port"),
     ("app: port 0", ["app", "--model", "{model}", "--port", "0"], "--port"),
+    ("app: host not an address", ["app", "--model", "{model}", "--host", "300.1.1.1"], "--host"),
+    ("app: host of another machine", ["app", "--model", "{model}", "--host", "192.0.2.1"],
+     "cannot listen on 192.0.2.1:8080"),
     ("eval: max tokens -1", [*EVAL, "--max-tokens", "-1"], "--max-tokens"),
     ("eval: limit 0", [*EVAL, "--limit", "0"], "--limit"),
     ("eval: json into a missing folder", [*EVAL, "--json", "{tmp}/nowhere/r.json"],
@@ -156,6 +160,16 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, case, argv, 
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
     assert snapshot(*watched) == before
+
+
+def test_app_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_cli("app", "--model", str(tmp_path / "none"), "--port", str(port))
+    assert code != 0
+    assert err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
 
 
 def test_a_failed_folder_leaves_nothing_behind(tmp_path):
