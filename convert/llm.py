@@ -108,7 +108,7 @@ def add_image_token(
 
 def save_tokenizer(tokenizer, folder: Path, source: Path) -> None:
     """Save the tokenizer with its chat template inside tokenizer_config.json (the model folder
-    format: README.md, "Converting"), wherever the source kept it (tokenizer_config.json or
+    format: docs/architecture.md), wherever the source kept it (tokenizer_config.json or
     chat_template.jinja)."""
     template = tokenizer.chat_template
     if template is None and (source / "chat_template.jinja").is_file():

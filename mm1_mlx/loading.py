@@ -1,4 +1,4 @@
-"""Model folders on disk (README.md, "Converting"): load, save, and hub look-up.
+"""Model folders on disk (docs/architecture.md, "The model folder"): load, save, and hub look-up.
 
 A folder holds config.json (`model_type: "mm1"`), model.safetensors (or shards with
 model.safetensors.index.json) with `vision.`, `connector.`, `decoder.` weight names, and the

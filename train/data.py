@@ -1,4 +1,4 @@
-"""Training data: JSONL sources -> packed, loss-weighted batches (README.md, "Training").
+"""Training data: JSONL sources -> packed, loss-weighted batches (docs/architecture.md, "Training").
 
 Top to bottom, what `DataLoader.next_batch` does:
 1. Mixture: each draw picks a source with probability weight / sum(weights) (a seeded numpy
