@@ -33,6 +33,7 @@ from app_helpers import (  # noqa: E402
     record_generation,
     screen_png,
 )
+from box_cases import CASES as BOX_CASES  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import mm1_mlx  # noqa: E402
@@ -241,6 +242,17 @@ def test_the_answer_streams_and_its_box_is_drawn_over_the_button(open_page):
     assert corners(box.bounding_box()) == pytest.approx(on_page(image, button), abs=2.0)
     assert answer.locator("mark.ref").inner_text().endswith(format_box(SEND_BUTTON, SCREEN_SIZE))
     save_screenshot(page, "app.png")
+
+
+def test_the_page_parses_boxes_as_mm1_mlx_boxes_does(open_page):
+    page = open_page()
+    texts = [text for text, _ in BOX_CASES]
+    found = page.evaluate(
+        "(texts) => texts.map((text) => parseBoxes(text).map((b) => [b.box, [b.start, b.end]]))",
+        texts,
+    )
+    expected = [[[list(box), list(span)] for box, span in boxes] for _, boxes in BOX_CASES]
+    assert dict(zip(texts, found, strict=True)) == dict(zip(texts, expected, strict=True))
 
 
 def test_dragging_on_the_image_refers_to_the_region_and_multi_turn_answers(open_page, url):

@@ -2,8 +2,16 @@
 
 import numpy as np
 import pytest
+from box_cases import CASES
 
 from mm1_mlx.boxes import format_box, format_point, parse_boxes, parse_points
+
+
+@pytest.mark.parametrize("text, expected", CASES, ids=[repr(text[:24]) for text, _ in CASES])
+def test_parse_boxes_finds_the_table_s_boxes(text, expected):
+    # On a 1000x1000 image a pixel is a grid step: the parsed values are the grid values.
+    found = [((b.x1, b.y1, b.x2, b.y2), b.span) for b in parse_boxes(text, (1000, 1000))]
+    assert found == expected
 
 
 @pytest.mark.parametrize(
