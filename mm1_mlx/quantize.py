@@ -8,9 +8,10 @@ whose input width is not a multiple of the group size stay as they are. config.j
 differently (mlx-lm's format); which layers are quantized is read back from the weights.
 
 The quality report runs the unquantized and the quantized model on a fixed set of prompts
-(synthetic images drawn here, and text) and compares their next-token distributions.
+(pictures of the synthetic world, and text) and compares their next-token distributions.
 """
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.loading import load, load_model, resolve_path, save_model
 from mm1_mlx.model import MM1Model
+from mm1_mlx.train import synth
 
 # What MLX's affine mode packs (it also takes 1 bit, which is of no use here).
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -170,23 +172,21 @@ def predicts_text(ids: np.ndarray, image_token_id: int) -> np.ndarray:
 
 
 def report_prompts(image_token: str) -> list[tuple[str, list[Image.Image]]]:
-    """The fixed prompt set: (text with image markers, images), each text with its answer."""
-    shapes, screen, park = draw_shapes(), draw_settings_screen(), draw_park(seed=0)
+    """The fixed prompt set: (text with image markers, images), each text with its answer.
+    The pictures are the synthetic world's (docs/synthetic-world.md): a shape scene, a screen
+    drawn by the other renderer, and two scenes to compare."""
+    rng = random.Random(0)
+    shapes, screen = synth.sample_shape_scene(rng), synth.sample_screen_scene(rng)
+    first, second = synth.sample_pair(rng)
+    describe = synth.shape_questions(shapes)[0]
+    ground = next(qa for qa in synth.screen_questions(screen) if qa.task == "ground_button")
+    compare = synth.compare_question(first, second)
     prompts = [
+        (f"{{0}}\n{describe.question} {describe.answer}.", [synth.render(shapes)]),
+        (f"{{0}}\n{ground.question} {ground.answer}", [synth.render(screen, "alt", rng)]),
         (
-            "{0}\nWhat shapes are in the picture? A red circle on the left, a green triangle at "
-            "the top and a blue square on the right.",
-            [shapes],
-        ),
-        (
-            "{0}\nWhere is the Send button? It is at [120, 820, 880, 920], below the Brightness "
-            "setting on the Settings screen.",
-            [screen],
-        ),
-        (
-            "{0}{0}\nHow do the two pictures differ? The first is a park with balloons in the "
-            "sky; the second has three flat shapes on white.",
-            [park, shapes],
+            f"{{0}}{{0}}\n{compare.question} {compare.answer}",
+            [synth.render(first), synth.render(second)],
         ),
         ("The capital of France is Paris, the capital of Italy is Rome, and of Spain, Madrid.", []),
         (
@@ -196,49 +196,3 @@ def report_prompts(image_token: str) -> list[tuple[str, list[Image.Image]]]:
         ),
     ]
     return [(text.format(image_token), images) for text, images in prompts]
-
-
-def draw_shapes(size: int = 336) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((20, 130, 120, 230), fill=(220, 30, 30))
-    draw.polygon([(168, 20), (118, 110), (218, 110)], fill=(30, 160, 60))
-    draw.rectangle((210, 130, 310, 230), fill=(30, 60, 210))
-    return image
-
-
-def draw_settings_screen(width: int = 240, height: int = 480) -> Image.Image:
-    """A phone settings screen: title bar, rows of labelled settings, a button."""
-    image = Image.new("RGB", (width, height), (242, 242, 247))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=18)
-    draw.rectangle((0, 0, width, 56), fill=(255, 255, 255))
-    draw.text((16, 16), "Settings", fill=(0, 0, 0), font=font)
-    for row, (label, value) in enumerate(
-        [("Wi-Fi", "On"), ("Bluetooth", "Off"), ("Brightness", "")]
-    ):
-        top = 80 + 56 * row
-        draw.rectangle((0, top, width, top + 48), fill=(255, 255, 255))
-        draw.text((16, top + 14), label, fill=(0, 0, 0), font=font)
-        draw.text((width - 50, top + 14), value, fill=(120, 120, 120), font=font)
-    draw.rounded_rectangle((29, 394, 211, 442), radius=12, fill=(0, 122, 255))
-    draw.text((92, 406), "Send", fill=(255, 255, 255), font=font)
-    return image
-
-
-def draw_park(seed: int, size: int = 336) -> Image.Image:
-    """A sky over grass with balloons at seeded places, plus seeded noise like a photo's."""
-    rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, size)[:, None, None]
-    sky = (1 - rows) * np.array([90, 150, 230]) + rows * np.array([200, 225, 250])
-    pixels = np.broadcast_to(sky, (size, size, 3)).copy()
-    pixels[int(size * 0.7) :] = (70, 150, 60)
-    pixels += rng.normal(0, 6, pixels.shape)
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(5):
-        x, y = rng.integers(30, size - 30), rng.integers(30, int(size * 0.6))
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.line((x, y + 20, x, y + 60), fill=(60, 60, 60), width=2)
-        draw.ellipse((x - 16, y - 20, x + 16, y + 20), fill=color)
-    return image

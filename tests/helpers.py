@@ -1,12 +1,20 @@
 """Shared helpers for tests (import as `from helpers import ...`)."""
 
 import io
+import random
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
+from PIL import Image
 
 from mm1_mlx.cli import main
+from mm1_mlx.train import synth
+
+
+def shapes_picture(seed: int = 0) -> Image.Image:
+    """A shape scene of the synthetic world, drawn by its plain renderer."""
+    return synth.render(synth.sample_shape_scene(random.Random(seed)))
 
 
 def relative_error(actual, expected) -> float:

@@ -7,11 +7,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from helpers import shapes_picture
 from mlx.utils import tree_flatten, tree_map
 
 import mm1_mlx
 from mm1_mlx.errors import UserError
-from mm1_mlx.quantize import draw_shapes, quantize_model
+from mm1_mlx.quantize import quantize_model
 from mm1_mlx.train.optim import (
     ModuleSettings,
     clip_grad_norm,
@@ -24,7 +25,7 @@ from mm1_mlx.train.optim import (
 
 
 def image_batch(processor) -> tuple[mx.array, mx.array]:
-    inputs = processor("<image>\nwhat color is the circle? red", [draw_shapes()])
+    inputs = processor("<image>\nwhat color is the circle? red", [shapes_picture()])
     return inputs["input_ids"], inputs["pixels"]
 
 

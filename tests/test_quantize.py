@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from builders import LLM_SIZES, make_clip_vision, make_tokenizer
+from helpers import shapes_picture
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import mm1_mlx
@@ -15,7 +16,6 @@ from mm1_mlx.convert.assemble import convert_model
 from mm1_mlx.errors import UserError
 from mm1_mlx.quantize import (
     QualityReport,
-    draw_shapes,
     next_token_divergence,
     predicts_text,
     quality_report,
@@ -35,7 +35,7 @@ def quantized(tiny_model_dir, tmp_path_factory):
 
 
 def logits_on_an_image(model, processor) -> mx.array:
-    inputs = processor("<image>\nwhat color is the circle", [draw_shapes()])
+    inputs = processor("<image>\nwhat color is the circle", [shapes_picture()])
     return model(inputs["input_ids"], inputs["pixels"])
 
 
