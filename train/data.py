@@ -60,10 +60,6 @@ class Batch:
         """bool [rows, seq_len]: True on real tokens, False on padding."""
         return np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]
 
-    @property
-    def num_loss_tokens(self) -> int:
-        return int((self.weights > 0).sum())
-
 
 # -- examples -------------------------------------------------------------------------------
 
