@@ -235,6 +235,14 @@ def generate(
     )
 
 
+def cached_tokens(cache: list[Any], fallback: int) -> int:
+    """How many tokens a KV cache holds. mlx-lm's trimmable caches (KVCache,
+    RotatingKVCache, ...) count them in `offset`, an attribute rather than an interface
+    (`size()` stops at a rotating cache's window): test_generate pins it. Caches without one
+    (state-space layers) cannot be trimmed; `fallback` then decides whether to start afresh."""
+    return getattr(cache[0], "offset", fallback) if cache else 0
+
+
 class PromptCache:
     """A KV cache and the prompt it holds, kept between generations: the next prompt reuses the
     prefix it shares with it (the same tokens and the same image tiles) and prefills only the
@@ -274,7 +282,7 @@ class PromptCache:
         if same_tiles < tiles:  # a different picture: the prefix ends before its tokens
             positions = [i for i, token in enumerate(ids) if token == image_token]
             shared = positions[same_tiles * per_tile]
-        cached = getattr(self.cache[0], "offset", len(self.ids)) if self.cache else 0
+        cached = cached_tokens(self.cache, len(self.ids))
         if cached > shared and can_trim_prompt_cache(self.cache):
             trim_prompt_cache(self.cache, cached - shared)
         elif cached > shared:

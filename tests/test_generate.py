@@ -3,6 +3,12 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import (
+    KVCache,
+    RotatingKVCache,
+    can_trim_prompt_cache,
+    trim_prompt_cache,
+)
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from PIL import Image
 from transformers import AutoTokenizer
@@ -11,6 +17,7 @@ from mm1_mlx.generate import (
     ChatSession,
     GenerationSettings,
     _held_back,
+    cached_tokens,
     generate,
     stream_generate,
 )
@@ -91,6 +98,24 @@ def test_follow_up_reuses_the_cache_and_equals_recomputing(tiny_model, monkeypat
     recomputed = list(fresh.ask("How many objects are there?"))
     assert recomputed[-1].cached_tokens == 0
     assert second[-1].tokens == recomputed[-1].tokens
+
+
+@pytest.mark.parametrize(
+    "make_cache",
+    [KVCache, lambda: RotatingKVCache(max_size=64)],
+    ids=["KVCache", "RotatingKVCache"],
+)
+def test_mlx_lm_caches_count_their_tokens_as_prompt_cache_reads_them(tiny_model, make_cache):
+    # PromptCache trims a cache back to a shared prefix from the count cached_tokens reads:
+    # if mlx-lm stops keeping it in `offset`, this fails instead of a chat reusing a wrong cache.
+    model, _ = tiny_model
+    cache = [make_cache() for _ in model.decoder.layers]
+    model.decoder(mx.arange(1, 21)[None], cache=cache)
+    model.decoder(mx.array([[5]]), cache=cache)
+    assert cached_tokens(cache, fallback=-1) == 21
+    assert can_trim_prompt_cache(cache)
+    trim_prompt_cache(cache, 6)
+    assert cached_tokens(cache, fallback=-1) == 15
 
 
 def test_the_same_picture_is_encoded_once(tiny_model, monkeypatch):
