@@ -2,11 +2,12 @@
 
 Honeybee saves its projector under `abstractor.` next to `vision_model.*` and
 `language_model.*` (ignored here); a bare abstractor state dict works too. The weights fix the
-connector's inner shape (depth, hidden_dim, mlp_depth, pos_emb and its token count); the given
-config fixes what its neighbours decide (input_dim: the vision width, output_dim: the decoder's
-hidden size) and num_tokens, which pooling makes independent of the weights. Every weight is
-checked against the MLX module that config builds, so a converted connector computes what the
-original did, or conversion fails naming the key.
+connector's inner shape (depth, hidden_dim, mlp_depth, pos_emb and its token count, the eos
+tokens appended after each image's); the given config fixes what its neighbours decide
+(input_dim: the vision width, output_dim: the decoder's hidden size) and num_tokens, which
+pooling makes independent of the weights. Every weight is checked against the MLX module that
+config builds, so a converted connector computes what the original did, or conversion fails
+naming the key.
 """
 
 import dataclasses
@@ -99,6 +100,7 @@ def infer_config(state: dict[str, Any], config: ConnectorConfig) -> ConnectorCon
     depth = count_indexed(state, "net.0.b{}.", start=1)
     mlp_depth = count_indexed(state, "readout.{}.", start=0, step=2)
     pos_emb = state.get("pos_emb")
+    eos_shape = tuple(state["eos_tokens"].shape) if "eos_tokens" in state else ()
     return dataclasses.replace(
         config,
         # Honeybee's depth-0 C-Abstractor is pos_emb + pooling + readout: our avg-pool.
@@ -108,6 +110,8 @@ def infer_config(state: dict[str, Any], config: ConnectorConfig) -> ConnectorCon
         mlp_depth=mlp_depth,
         pos_emb=pos_emb is not None,
         num_input_tokens=pos_emb.shape[1] if pos_emb is not None else config.num_input_tokens,
+        # (1, n, output_dim); any other shape is then refused as an unexpected key
+        num_eos_tokens=eos_shape[1] if len(eos_shape) == 3 else 0,
     )
 
 

@@ -87,7 +87,15 @@ class ConnectorConfig(_FromDict):
     depth: int = 3  # RegNet blocks per stage (C-Abstractor)
     mlp_depth: int = 2  # layers of the readout MLP
     pos_emb: bool = True  # learned position embedding added to the features first
+    # Learned tokens appended after each image's (Honeybee's `eos_tokens`): an image then takes
+    # num_tokens + num_eos_tokens decoder positions.
+    num_eos_tokens: int = 0
     heads: int = 8  # attention pooling
+
+    @property
+    def tokens_per_image(self) -> int:
+        """The decoder positions one image takes: the pooled tokens, then the eos tokens."""
+        return self.num_tokens + self.num_eos_tokens
 
 
 @dataclass

@@ -4,7 +4,7 @@ MM1 compared three (the type mattered little; token count and resolution did): H
 C-Abstractor (MM1's choice), average pooling and attention pooling. All three add a learned
 position embedding first (bicubic-resized when the patch grid differs from the one it was
 trained for) and end in Honeybee's readout MLP. Parameter names follow Honeybee's state dict
-(`pos_emb`, `net.0.b1.conv1.conv.weight`, `readout.0.weight`, ...), so converting a Honeybee
+(`pos_emb`, `net.0.b1.conv1.conv.weight`, `readout.0.weight`, `eos_tokens`, ...), so converting a Honeybee
 checkpoint is a prefix strip and an OIHW -> OHWI transpose of the conv weights.
 """
 
@@ -23,6 +23,7 @@ from mm1_mlx.interpolate import resize_bicubic
 # (LayerNorm2d's own default would be 1e-6).
 LAYER_NORM_EPS = 1e-5
 SE_RATIO = 0.25  # timm RegNet Bottleneck default, which Honeybee keeps
+EOS_TOKEN_TYPES = ("c-abstractor", "avg-pool")  # Honeybee's C-Abstractor and its depth 0
 
 
 def grid_side(num_tokens: int) -> int:
@@ -48,6 +49,21 @@ def add_pos_emb(features: mx.array, pos_emb: mx.array | None) -> mx.array:
         grid = pos_emb.reshape(src, src, -1)
         pos_emb = resize_bicubic(grid, (dst, dst)).reshape(1, num_tokens, -1)
     return features + pos_emb
+
+
+def init_eos_tokens(config: ConnectorConfig) -> mx.array | None:
+    if not config.num_eos_tokens:
+        return None
+    return 0.02 * mx.random.normal((1, config.num_eos_tokens, config.output_dim))
+
+
+def append_eos_tokens(tokens: mx.array, eos_tokens: mx.array | None) -> mx.array:
+    """[B, T, C] image tokens -> [B, T + num_eos_tokens, C], the learned ones last (Honeybee)."""
+    if eos_tokens is None:
+        return tokens
+    batch, _, channels = tokens.shape
+    extra = mx.broadcast_to(eos_tokens, (batch, eos_tokens.shape[1], channels))
+    return mx.concatenate([tokens, extra.astype(tokens.dtype)], axis=1)
 
 
 def to_grid(tokens: mx.array) -> mx.array:
@@ -211,10 +227,12 @@ class CAbstractor(nn.Module):
             RegStage(config.depth, hidden, hidden),
         ]
         self.readout = readout_mlp(config.mlp_depth, hidden, config.output_dim)
+        self.eos_tokens = init_eos_tokens(config)
 
     def __call__(self, features: mx.array) -> mx.array:
         x = apply_layers(self.net, to_grid(add_pos_emb(features, self.pos_emb)))
-        return apply_layers(self.readout, x.reshape(x.shape[0], -1, x.shape[-1]))
+        x = apply_layers(self.readout, x.reshape(x.shape[0], -1, x.shape[-1]))
+        return append_eos_tokens(x, self.eos_tokens)
 
 
 class AvgPoolConnector(nn.Module):
@@ -226,10 +244,12 @@ class AvgPoolConnector(nn.Module):
         self.size = grid_side(config.num_tokens)
         self.pos_emb = init_pos_emb(config)
         self.readout = readout_mlp(config.mlp_depth, config.input_dim, config.output_dim)
+        self.eos_tokens = init_eos_tokens(config)
 
     def __call__(self, features: mx.array) -> mx.array:
         x = adaptive_avg_pool(to_grid(add_pos_emb(features, self.pos_emb)), self.size)
-        return apply_layers(self.readout, x.reshape(x.shape[0], -1, x.shape[-1]))
+        x = apply_layers(self.readout, x.reshape(x.shape[0], -1, x.shape[-1]))
+        return append_eos_tokens(x, self.eos_tokens)
 
 
 class AttentionPoolConnector(nn.Module):
@@ -251,6 +271,15 @@ class AttentionPoolConnector(nn.Module):
 def build_connector(config: ConnectorConfig) -> nn.Module:
     if math.isqrt(config.num_tokens) ** 2 != config.num_tokens:
         raise UserError(f"connector_config: num_tokens must be a square, not {config.num_tokens}")
+    if config.num_eos_tokens < 0:
+        raise UserError(
+            f"connector_config: num_eos_tokens must be >= 0, not {config.num_eos_tokens}"
+        )
+    if config.num_eos_tokens and config.model_type not in EOS_TOKEN_TYPES:
+        raise UserError(
+            f"connector_config: num_eos_tokens needs a {' or '.join(EOS_TOKEN_TYPES)} connector, "
+            f"not {config.model_type}"
+        )
     if config.model_type == "c-abstractor":
         if config.depth < 1:
             raise UserError("connector_config: a c-abstractor needs depth >= 1 (0 is avg-pool)")
