@@ -31,6 +31,13 @@ _VISION_PATTERNS = ["*.json", "*.safetensors", "open_clip_pytorch_model.bin"]
 _CONNECTOR_PATTERNS = ["*.json", "*.safetensors", "*.bin"]
 
 
+def cast_type(dtype: str | None) -> mx.Dtype | None:
+    """The MLX dtype a --dtype name asks for; None keeps the checkpoint's."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
+    return DTYPES.get(dtype)
+
+
 def _prefixed(prefix: str, weights: dict[str, Any], dtype: mx.Dtype | None) -> dict[str, mx.array]:
     out = {}
     for name, value in weights.items():
@@ -57,6 +64,37 @@ def _check_complete(config: MM1Config, weights: dict[str, mx.array]) -> None:
         raise UserError(f"the parts do not fit together: {' '.join(str(error).split())}") from None
 
 
+def model_weights(
+    vision: dict[str, Any],
+    connector: dict[str, Any],
+    decoder: dict[str, mx.array],
+    cast: mx.Dtype | None,
+) -> dict[str, mx.array]:
+    """The parts' weights under the model folder's names; the decoder's are already cast."""
+    return {
+        **_prefixed("vision", vision, cast),
+        **_prefixed("connector", connector, cast),
+        **_prefixed("decoder", decoder, None),
+    }
+
+
+def write_model_folder(
+    out: Path,
+    config: MM1Config,
+    weights: dict[str, mx.array],
+    tokenizer: Any,
+    tokenizer_source: Path,
+    overwrite: bool,
+) -> None:
+    """Check that the weights fill the model `config` describes, then write the folder
+    atomically (the tokenizer as save_tokenizer does, from `tokenizer_source`)."""
+    _check_complete(config, weights)
+    with atomic_folder(Path(out), overwrite) as tmp:
+        save_weights(tmp, weights)
+        write_config(tmp, config)
+        save_tokenizer(tokenizer, tmp, tokenizer_source)
+
+
 def convert_model(
     vision: str | Path,
     llm: str | Path,
@@ -75,9 +113,7 @@ def convert_model(
 
     `connector_options` set a fresh connector's ConnectorConfig fields (hidden_dim, depth, ...).
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
-    cast = DTYPES.get(dtype)
+    cast = cast_type(dtype)
     side = math.isqrt(max(num_image_tokens, 0))
     if num_image_tokens < 1 or side * side != num_image_tokens:
         raise UserError(f"--num-image-tokens must be a square number >= 1, not {num_image_tokens}")
@@ -117,20 +153,11 @@ def convert_model(
         preprocess_config=preprocess,
         image_token=image_token,
         image_token_id=image_token_id,
-        num_image_tokens=connector_config.num_tokens,
+        num_image_tokens=connector_config.tokens_per_image,
     )
-    weights = {
-        **_prefixed("vision", vision_weights, cast),
-        **_prefixed("connector", connector_weights, cast),
-        **_prefixed("decoder", decoder_weights, None),
-    }
-    _check_complete(config, weights)
-
+    weights = model_weights(vision_weights, connector_weights, decoder_weights, cast)
     step("writing")
-    with atomic_folder(Path(out), overwrite) as tmp:
-        save_weights(tmp, weights)
-        write_config(tmp, config)
-        save_tokenizer(tokenizer, tmp, llm_path)
+    write_model_folder(out, config, weights, tokenizer, llm_path, overwrite)
     return config
 
 
@@ -158,7 +185,8 @@ def init_model(
     config.image_token_id = add_image_token(
         loaded_tokenizer, config.image_token, config.text_config, {}
     )
-    config.connector_config.num_tokens = config.num_image_tokens
+    connector = config.connector_config
+    connector.num_tokens = config.num_image_tokens - connector.num_eos_tokens
     config.vision_config.image_size = config.preprocess_config.image_size
     mx.random.seed(seed)
     model = MM1Model(config)

@@ -6,6 +6,7 @@ keys mlx-lm misreads.
 """
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,14 @@ def read_text_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: not an HF model folder (no config.json)")
-    config = read_json(path)
+    return text_config_of(read_json(path), folder, str(path))
+
+
+def text_config_of(config: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
+    """The mlx-lm config of an HF text config (the whole config.json, or the part of a
+    multimodal one `where` names), with the eos tokens of the folder's generation_config.json."""
     if "model_type" not in config:
-        raise UserError(f"{path}: no model_type")
+        raise UserError(f"{where}: no model_type")
     generation = folder / "generation_config.json"
     if generation.is_file():
         eos = read_json(generation).get("eos_token_id")
@@ -61,23 +67,28 @@ def load_llm_weights(
     folder: Path, text_config: dict[str, Any], dtype: mx.Dtype | None = None
 ) -> dict[str, mx.array]:
     """Read, sanitize and check the decoder's weights against mlx-lm's model for the config."""
+    return decoder_weights(open_checkpoint(folder), text_config, dtype, str(folder))
+
+
+def decoder_weights(
+    refs: Mapping[str, Any], text_config: dict[str, Any], dtype: mx.Dtype | None, where: str
+) -> dict[str, mx.array]:
+    """load_llm_weights on tensors already opened (TensorRefs named as the HF model names
+    them), e.g. the language model's part of a multimodal checkpoint."""
     model_class, args_class = decoder_classes(text_config)
     # Parameters are lazy in MLX: building the model allocates nothing until evaluated.
     decoder = model_class(args_class.from_dict(text_config))
-    refs = open_checkpoint(folder)
     weights = {name: ref.mlx(dtype) for name, ref in refs.items()}
     if hasattr(decoder, "sanitize"):
         weights = decoder.sanitize(weights)
     expected = {name: p.shape for name, p in tree_flatten(decoder.parameters())}
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise UserError(f"{folder}: weight '{missing[0]}' is missing ({len(missing)} missing)")
+        raise UserError(f"{where}: weight '{missing[0]}' is missing ({len(missing)} missing)")
     for name, shape in expected.items():
         if tuple(weights[name].shape) != tuple(shape):
             got = tuple(weights[name].shape)
-            raise UserError(
-                f"{folder}: weight '{name}' has shape {got}, config says {tuple(shape)}"
-            )
+            raise UserError(f"{where}: weight '{name}' has shape {got}, config says {tuple(shape)}")
     return {name: weights[name] for name in expected}
 
 

@@ -37,6 +37,18 @@ HF_ACTS = {
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
 }
+# model_type -> family; a full CLIPModel / SiglipModel keeps its encoder's in "vision_config".
+HF_FAMILIES = {
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "siglip": "siglip",
+    "siglip_vision_model": "siglip",
+}
+# What transformers assumes for fields an (older) config.json leaves out.
+HF_DEFAULTS = {
+    "clip": dict(patch=32, act="quick_gelu", eps=1e-5, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+    "siglip": dict(patch=16, act="gelu_pytorch_tanh", eps=1e-6, mean=SIGLIP_MEAN, std=SIGLIP_STD),
+}
 HF_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes
 OPEN_CLIP_RESIZE = {"squash": "squash", "longest": "pad"}  # "shortest" (crop) has no equivalent
 
@@ -85,23 +97,27 @@ def convert_vision(
         vision, preprocess = hf_config(src)
     vision |= {k: v for k, v in overrides.items() if k in VISION_OVERRIDES}
     preprocess |= {k: v for k, v in overrides.items() if k in PREPROCESS_OVERRIDES}
-    # The position table stays at its trained grid; image_size is what the model runs at.
-    vision["position_grid"] = vision["image_size"] // vision["patch_size"]
-    vision["image_size"] = preprocess["image_size"]
-    config = VisionConfig(**vision)
+    config, shapes = encoder_config(vision, preprocess["image_size"], src)
+    if open_clip:
+        plan = open_clip_plan(config)
+        converted = take_weights(weights, plan, shapes, "visual.", ["visual.proj"], src)
+    else:
+        converted = take_hf_weights(weights, config, shapes, scope, src)
+    return config, PreprocessConfig(**preprocess), converted
+
+
+def encoder_config(
+    vision: dict[str, Any], image_size: int, where: Path | str
+) -> tuple[VisionConfig, dict[str, tuple[int, ...]]]:
+    """The VisionConfig of `vision`'s fields running at `image_size`, and the shapes of its
+    parameters. The position table stays at its trained grid (position_grid)."""
+    grid = vision["image_size"] // vision["patch_size"]
+    config = VisionConfig(**{**vision, "position_grid": grid, "image_size": image_size})
     try:
         model = VisionTransformer(config)  # lazy: allocates nothing, validates the config
     except ValueError as error:
-        raise UserError(f"{src}: {error}") from None
-    shapes = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
-    if open_clip:
-        plan, scope, ignored = open_clip_plan(config), "visual.", ["visual.proj"]
-    else:
-        plan = hf_plan(config, scope)
-        # SigLIP's attention-pooling head; position_ids: a buffer older transformers saved.
-        ignored = [scope + "head.", scope + "embeddings.position_ids"]
-    converted = take_weights(weights, plan, shapes, scope, ignored, src)
-    return config, PreprocessConfig(**preprocess), converted
+        raise UserError(f"{where}: {error}") from None
+    return config, {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
 
 
 def take_weights(
@@ -234,6 +250,19 @@ def hf_prefix(weights: Mapping[str, Any], src: Path) -> str:
     )
 
 
+def take_hf_weights(
+    weights: Mapping[str, Any],
+    config: VisionConfig,
+    shapes: dict[str, tuple[int, ...]],
+    prefix: str,
+    where: Path | str,
+) -> dict[str, np.ndarray]:
+    """take_weights for an HF CLIP / SigLIP vision model whose keys start with `prefix`."""
+    # SigLIP's attention-pooling head; position_ids: a buffer older transformers saved.
+    ignored = [prefix + "head.", prefix + "embeddings.position_ids"]
+    return take_weights(weights, hf_plan(config, prefix), shapes, prefix, ignored, where)
+
+
 def hf_plan(config: VisionConfig, prefix: str) -> dict[str, list[str]]:
     plan = {
         "embeddings.patch_embedding.weight": ["patch_embed.weight"],
@@ -260,20 +289,33 @@ def hf_config(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UserError(f"{src}: no config.json beside the HF weights")
     full = read_json(path)
     model_type = full.get("model_type")
-    cfg = full.get("vision_config", {}) if model_type in ("clip", "siglip") else full
-    if model_type in ("clip", "clip_vision_model"):
-        defaults = dict(patch=32, act="quick_gelu", eps=1e-5, mean=OPENAI_CLIP_MEAN)
-        std, siglip = OPENAI_CLIP_STD, False
-    elif model_type in ("siglip", "siglip_vision_model"):
-        defaults = dict(patch=16, act="gelu_pytorch_tanh", eps=1e-6, mean=SIGLIP_MEAN)
-        std, siglip = SIGLIP_STD, True
-    else:
+    family = HF_FAMILIES.get(model_type)
+    if family is None:
         raise UserError(f"{path}: model_type {model_type!r} is not a CLIP or SigLIP vision model")
+    cfg = full.get("vision_config", {}) if model_type == family else full
+    vision = hf_vision_fields(cfg, family, path)
+    defaults = HF_DEFAULTS[family]
+    processor_path = _beside(src, "preprocessor_config.json")
+    processor = read_json(processor_path) if processor_path.is_file() else {}
+    size = processor.get("crop_size") or processor.get("size") or vision["image_size"]
+    preprocess = dict(
+        image_size=_side(size, processor_path),
+        mean=processor.get("image_mean", defaults["mean"]),
+        std=processor.get("image_std", defaults["std"]),
+        interpolation=HF_RESAMPLE.get(processor.get("resample", 3), "bicubic"),
+    )
+    return vision, preprocess
+
+
+def hf_vision_fields(cfg: dict[str, Any], family: str, where: Path | str) -> dict[str, Any]:
+    """VisionConfig fields of an HF vision config (`family`: "clip" or "siglip")."""
+    defaults = HF_DEFAULTS[family]
+    siglip = family == "siglip"
     act = cfg.get("hidden_act", defaults["act"])
     if act not in HF_ACTS:
-        raise UserError(f"{path}: hidden_act {act!r} is not one of {sorted(HF_ACTS)}")
-    vision = dict(
-        model_type="siglip" if siglip else "clip",
+        raise UserError(f"{where}: hidden_act {act!r} is not one of {sorted(HF_ACTS)}")
+    return dict(
+        model_type=family,
         width=cfg.get("hidden_size", 768),
         layers=cfg.get("num_hidden_layers", 12),
         heads=cfg.get("num_attention_heads", 12),
@@ -286,16 +328,6 @@ def hf_config(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         pre_norm=not siglip,
         patch_bias=siglip,
     )
-    processor_path = _beside(src, "preprocessor_config.json")
-    processor = read_json(processor_path) if processor_path.is_file() else {}
-    size = processor.get("crop_size") or processor.get("size") or vision["image_size"]
-    preprocess = dict(
-        image_size=_side(size, processor_path),
-        mean=processor.get("image_mean", defaults["mean"]),
-        std=processor.get("image_std", std),
-        interpolation=HF_RESAMPLE.get(processor.get("resample", 3), "bicubic"),
-    )
-    return vision, preprocess
 
 
 # -- helpers --------------------------------------------------------------------------------
