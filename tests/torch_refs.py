@@ -127,6 +127,10 @@ class HoneybeeCAbstractor(nn.Module):
     def forward(self, x):
         if self.pos_emb is not None:
             x = x + resized_pos_emb(self.pos_emb, x.shape[1])
+        return self.abstract(x)
+
+    def abstract(self, x):
+        """net and readout on the patch tokens (Honeybee's ConvProjector._forward)."""
         batch, num_tokens, channels = x.shape
         side = math.isqrt(num_tokens)
         x = self.net(x.transpose(1, 2).reshape(batch, channels, side, side))
