@@ -32,8 +32,9 @@ def apply_lora(
 ) -> None:
     """Put LoRA layers on the `keys` of the decoder's last `num_layers` layers (None: all).
 
-    The decoder's own weights are frozen, LoRA's A and B trainable (B starts at 0, so the model's
-    output is unchanged); the vision encoder and connector are left as they are.
+    Only LoRA's A and B are trainable (B starts at 0, so the model's output is unchanged): the
+    whole model is frozen first, vision encoder and connector included, as peft and mlx-lm do.
+    `freeze_modules` unfreezes what is to train in full beside the adapters.
     """
     decoder = model.decoder
     if lora_parameters(decoder):
@@ -43,7 +44,7 @@ def apply_lora(
     if not 1 <= num_layers <= len(layers):
         raise UserError(f"LoRA num_layers must be within 1..{len(layers)}, not {num_layers}")
     targets = lora_targets(layers[-num_layers:], keys)
-    decoder.freeze()
+    model.freeze()
     config = {"rank": rank, "scale": scale, "dropout": dropout, "keys": targets}
     linear_to_lora_layers(decoder, num_layers, config)
     decoder.train(decoder.training)  # new layers start in training mode; match the decoder
@@ -86,6 +87,10 @@ def fuse_lora(model: nn.Module) -> None:
         layer.train(model.training)
     if fused:
         model.update_modules(tree_unflatten(fused))
+
+
+def lora_layers(module: nn.Module) -> list[nn.Module]:
+    return [layer for _, layer in module.named_modules() if isinstance(layer, LORA_LAYERS)]
 
 
 def lora_parameters(model: nn.Module) -> dict[str, mx.array]:

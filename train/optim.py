@@ -22,10 +22,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.optimizers import clip_grad_norm
+from mlx.utils import tree_flatten
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.model import MM1Model
-from mm1_mlx.train.lora import LORA_LAYERS, LORA_LEAVES
+from mm1_mlx.train.lora import LORA_LEAVES, lora_layers
 
 Schedule = Callable[[mx.array | int], mx.array]
 
@@ -84,9 +85,11 @@ def make_schedule(
 
 @dataclass
 class ModuleSettings:
-    """How one top-level module ("vision", "connector", "decoder") is trained."""
+    """How one top-level module ("vision", "connector", "decoder") is trained. `trainable`
+    None (not given): the module trains, except that on a model with LoRA layers only the
+    modules holding them train (their adapters), as with peft and mlx-lm."""
 
-    trainable: bool = True
+    trainable: bool | None = None
     lr_multiplier: float = 1.0
 
 
@@ -103,18 +106,28 @@ def freeze_modules(model: MM1Model, modules: dict[str, ModuleSettings]) -> None:
     """Freeze the non-trainable modules and unfreeze the trainable ones. In a module with LoRA
     layers only LoRA's A and B train; quantized layers never do (packed weights have no
     gradient)."""
+    lora = bool(lora_layers(model))
     for name, settings in module_settings(modules).items():
         module = getattr(model, name)
         module.freeze()
-        if settings.trainable:
+        if is_trainable(module, settings, lora):
             unfreeze_trainable(module)
 
 
+def is_trainable(module: nn.Module, settings: ModuleSettings, lora: bool) -> bool:
+    """As the settings say. Where they say nothing the module trains, unless the model has LoRA
+    layers (`lora`) and the module none: LoRA is to keep the gradients and optimizer state of
+    what it does not adapt out of memory."""
+    if settings.trainable is not None:
+        return settings.trainable
+    return not lora or bool(lora_layers(module))
+
+
 def unfreeze_trainable(module: nn.Module) -> None:
-    lora_layers = [layer for _, layer in module.named_modules() if isinstance(layer, LORA_LAYERS)]
-    for layer in lora_layers:
+    adapted = lora_layers(module)
+    for layer in adapted:
         layer.unfreeze(keys=list(LORA_LEAVES), recurse=False)
-    if lora_layers:
+    if adapted:
         return
     module.unfreeze()
     for _, layer in module.named_modules():
@@ -213,6 +226,19 @@ def count_parameters(module: nn.Module) -> int:
             total += own.pop("weight").size * 32 // layer.bits
         total += sum(value.size for value in own.values())
     return total
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(value.size for _, value in tree_flatten(module.trainable_parameters()))
+
+
+def trainable_summary(model: MM1Model) -> str:
+    """What trains, e.g. 'training 4,096 of 1,000,000 parameters (0.41%): vision 0, connector
+    0, decoder 4,096'."""
+    counts = {name: count_trainable(getattr(model, name)) for name in MODULES}
+    trained, total = sum(counts.values()), count_parameters(model)
+    modules = ", ".join(f"{name} {count:,}" for name, count in counts.items())
+    return f"training {trained:,} of {total:,} parameters ({trained / total:.2%}): {modules}"
 
 
 def compiled_update(

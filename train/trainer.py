@@ -40,6 +40,7 @@ from mm1_mlx.train.optim import (
     make_optimizer,
     make_schedule,
     mm1_peak_lr,
+    trainable_summary,
 )
 from mm1_mlx.train.ranks import init_group, sum_over_ranks
 from mm1_mlx.train.recipe import Recipe
@@ -59,6 +60,7 @@ def prepare_model(recipe: Recipe) -> tuple[MM1Model, Any]:
             model.config.quantization = quantize_model(
                 model, recipe.lora.quantize_bits, recipe.lora.group_size, connector=False
             )
+        mx.random.seed(recipe.seed)  # LoRA's A starts random: the same on every rank and run
         apply_lora(
             model,
             rank=recipe.lora.rank,
@@ -630,6 +632,8 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         raise UserError("the recipe has no data sources ([[data.sources]])")
 
     model, processor = prepare_model(recipe)
+    if is_main:
+        print(trainable_summary(model))
     loader = make_loader(recipe, processor, recipe.data.sources, group)
     schedule = make_schedule(
         peak_lr(recipe, model),
