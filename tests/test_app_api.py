@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -434,6 +435,12 @@ def test_loopback_server_refuses_other_host_names_and_paths(tiny_model, png, tmp
         assert ask(local, [image_message("hi", data_url(png))], max_tokens=2).status_code == 200
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.parametrize("host, local", [("127.0.0.1", True), ("0.0.0.0", False)])
 def test_app_command_serves_the_model_and_ctrl_c_ends_its_generations(
     tiny_model_dir, monkeypatch, host, local
@@ -442,19 +449,22 @@ def test_app_command_serves_the_model_and_ctrl_c_ends_its_generations(
 
     servers = []
 
-    def run(self):  # instead of serving: what Ctrl+C does
-        servers.append(self)
+    def run(self, sockets):  # instead of serving: what Ctrl+C does
+        (listener,) = sockets
+        servers.append((self, listener.getsockname()[1]))
+        listener.close()
         self.handle_exit(signal.SIGINT, None)
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
+    port = free_port()
     code, out, err = run_cli(
-        "app", "--model", str(tiny_model_dir), "--host", host, "--port", "8123"
+        "app", "--model", str(tiny_model_dir), "--host", host, "--port", str(port)
     )
     assert code == 0, err
-    assert f"http://{host}:8123" in out
+    assert f"http://{host}:{port}" in out
     assert ("beyond this machine" in out) is not local
-    (uvicorn_server,) = servers
-    assert (uvicorn_server.config.host, uvicorn_server.config.port) == (host, 8123)
+    ((uvicorn_server, listening),) = servers
+    assert (uvicorn_server.config.host, uvicorn_server.config.port, listening) == (host, port, port)
     served = uvicorn_server.config.app.state.served
     assert served.name == str(tiny_model_dir) and served.read_paths is local
     assert served.generator.closing.is_set() and uvicorn_server.should_exit
@@ -466,7 +476,12 @@ def test_app_command_serves_the_demo_model_without_one(monkeypatch):
     from mm1_mlx.loading import DEMO_MODEL
 
     servers = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: servers.append(self))  # no serving
-    code, _, err = run_cli("app", "--port", "8124")
+
+    def run(self, sockets):  # no serving
+        servers.append(self)
+        sockets[0].close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    code, _, err = run_cli("app", "--port", str(free_port()))
     assert code == 0, err
     assert servers[0].config.app.state.served.name == str(DEMO_MODEL)
