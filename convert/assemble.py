@@ -141,6 +141,11 @@ def convert_model(
         **(connector_options or {}),
     )
     if connector is None:
+        if num_image_tokens > vision_config.num_patches:
+            raise UserError(
+                f"--num-image-tokens {num_image_tokens} is more than the encoder's "
+                f"{vision_config.num_patches} patches (a connector pools them into fewer)"
+            )
         connector_weights = dict(tree_flatten(build_connector(connector_config).parameters()))
     else:
         connector_path = resolve_path(connector, _CONNECTOR_PATTERNS)
