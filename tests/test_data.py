@@ -2,6 +2,7 @@
 
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,6 +305,23 @@ def test_resuming_gives_the_batches_of_an_uninterrupted_run(processor, tmp_path,
     resumed = DataLoader(sources, processor, **settings)
     resumed.load_state_dict(state)
     assert_same_batches(before + batches(resumed, 6 - stop), expected)
+
+
+def test_a_data_state_naming_its_files_relative_to_the_working_directory_resumes(
+    processor, tmp_path, monkeypatch
+):
+    sources = mixed_sources(tmp_path)
+    settings = {"seq_len": 180, "batch_size": 2, "seed": 3, "split_images": True}
+    first = DataLoader(sources, processor, **settings)
+    batches(first, 1)
+    state = first.state_dict()
+    monkeypatch.chdir(tmp_path)
+    for source in state["sources"]:
+        source["path"] = Path(source["path"]).name
+    DataLoader(sources, processor, **settings).load_state_dict(state)
+    state["sources"][0]["path"] = "elsewhere.jsonl"
+    with pytest.raises(UserError, match="the data state is for elsewhere.jsonl"):
+        DataLoader(sources, processor, **settings).load_state_dict(state)
 
 
 # -- ranks ----------------------------------------------------------------------------------

@@ -260,7 +260,8 @@ class SourceReader:
         return {"path": str(self.path), **{key: getattr(self, key) for key in keys}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["path"] != str(self.path):
+        # Resolved: a checkpoint may name the file relative to the working directory.
+        if Path(state["path"]).resolve() != self.path.resolve():
             raise UserError(f"the data state is for {state['path']}, not {self.path}")
         self.offset, self.line_number = state["offset"], state["line_number"]
         self.epoch, self.used_in_epoch = state["epoch"], state["used_in_epoch"]
