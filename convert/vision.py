@@ -135,7 +135,7 @@ def take_weights(
     for key in weights:
         if key.startswith(scope) and key not in plan and not key.startswith(tuple(ignored)):
             raise UserError(
-                f"{where}: unsupported weight {key!r} (the MLX encoder has no place for it)"
+                f"{where}: unsupported weight {key!r} (the MLX model has no place for it)"
             )
     for key, names in plan.items():
         if key not in weights:
@@ -288,11 +288,8 @@ def hf_config(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{src}: no config.json beside the HF weights")
     full = read_json(path)
-    model_type = full.get("model_type")
-    family = HF_FAMILIES.get(model_type)
-    if family is None:
-        raise UserError(f"{path}: model_type {model_type!r} is not a CLIP or SigLIP vision model")
-    cfg = full.get("vision_config", {}) if model_type == family else full
+    family = hf_family(full, path)
+    cfg = full.get("vision_config", {}) if full["model_type"] == family else full
     vision = hf_vision_fields(cfg, family, path)
     defaults = HF_DEFAULTS[family]
     processor_path = _beside(src, "preprocessor_config.json")
@@ -305,6 +302,33 @@ def hf_config(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         interpolation=HF_RESAMPLE.get(processor.get("resample", 3), "bicubic"),
     )
     return vision, preprocess
+
+
+def hf_family(cfg: dict[str, Any], where: Path | str) -> str:
+    """The family of an HF config's model_type: "clip" or "siglip"."""
+    model_type = cfg.get("model_type")
+    family = HF_FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise UserError(
+            f"{where}: model_type {model_type!r} is not a CLIP or SigLIP vision model "
+            f"({', '.join(sorted(HF_FAMILIES))})"
+        )
+    return family
+
+
+def convert_hf_encoder(
+    weights: Mapping[str, Any],
+    cfg: dict[str, Any],
+    prefix: str,
+    where: Path | str,
+    **fields: Any,
+) -> tuple[VisionConfig, dict[str, np.ndarray]]:
+    """The HF CLIP / SigLIP vision model inside a bigger checkpoint (a VLM's vision tower):
+    its config dict `cfg` and its weights, whose keys start with `prefix`. It runs at its own
+    image_size; `fields` set other VisionConfig fields (feature_layer, ...)."""
+    vision = hf_vision_fields(cfg, hf_family(cfg, where), where) | fields
+    config, shapes = encoder_config(vision, vision["image_size"], where)
+    return config, take_hf_weights(weights, config, shapes, prefix, where)
 
 
 def hf_vision_fields(cfg: dict[str, Any], family: str, where: Path | str) -> dict[str, Any]:

@@ -62,8 +62,10 @@ class VisionConfig(_FromDict):
     layer_norm_eps: float = 1e-5
     # Which hidden state feeds the connector, indexed like transformers' `hidden_states`
     # (0 = embeddings, i = output of block i; negative counts from the end). Honeybee: -1.
-    feature_layer: int = -1
+    # A list takes several, concatenated on the channel axis (LLaVA's vision_feature_layer).
+    feature_layer: int | list[int] = -1
     feature_post_norm: bool = False  # apply ln_post to the features (Honeybee: no)
+    keep_class_token: bool = False  # CLS's features go to the connector too (LLaVA's "full")
 
     @property
     def grid_size(self) -> int:
@@ -73,16 +75,33 @@ class VisionConfig(_FromDict):
     def num_patches(self) -> int:
         return self.grid_size**2
 
+    @property
+    def feature_layers(self) -> list[int]:
+        layer = self.feature_layer
+        return list(layer) if isinstance(layer, list) else [layer]
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the features the connector gets: width per feature layer."""
+        return self.width * len(self.feature_layers)
+
+    @property
+    def num_feature_tokens(self) -> int:
+        """Feature tokens per image at image_size: the patches, then CLS if kept."""
+        return self.num_patches + int(self.class_token and self.keep_class_token)
+
 
 @dataclass
 class ConnectorConfig(_FromDict):
-    """The vision-language connector: Honeybee's C-Abstractor, average or attention pooling."""
+    """The vision-language connector: Honeybee's C-Abstractor, average or attention pooling,
+    or LLaVA's MLP."""
 
-    model_type: str = "c-abstractor"  # "c-abstractor", "avg-pool" or "attn-pool"
-    input_dim: int = 1280  # vision width
+    model_type: str = "c-abstractor"  # "c-abstractor", "avg-pool", "attn-pool" or "mlp"
+    input_dim: int = 1280  # the vision features' channels (VisionConfig.feature_dim)
     output_dim: int = 4096  # decoder hidden size
-    num_input_tokens: int = 729  # patches per image at the encoder's native size
-    num_tokens: int = 144  # image tokens handed to the decoder (a square number)
+    num_input_tokens: int = 729  # feature tokens per image at the encoder's native size
+    # Image tokens handed to the decoder: a square number; mlp: num_input_tokens.
+    num_tokens: int = 144
     hidden_dim: int = 1024  # C-Abstractor's RegNet width
     depth: int = 3  # RegNet blocks per stage (C-Abstractor)
     mlp_depth: int = 2  # layers of the readout MLP
@@ -91,6 +110,10 @@ class ConnectorConfig(_FromDict):
     # num_tokens + num_eos_tokens decoder positions.
     num_eos_tokens: int = 0
     heads: int = 8  # attention pooling
+    # mlp (LLaVA's projector: Linear, act, Linear on each feature token): the activation
+    # (vision.ACTIVATIONS' names) and whether the linears have biases.
+    act: str = "gelu"
+    bias: bool = True
 
     @property
     def tokens_per_image(self) -> int:

@@ -4,8 +4,12 @@ MM1 compared three (the type mattered little; token count and resolution did): H
 C-Abstractor (MM1's choice), average pooling and attention pooling. All three add a learned
 position embedding first (bicubic-resized when the patch grid differs from the one it was
 trained for) and end in Honeybee's readout MLP. Parameter names follow Honeybee's state dict
-(`pos_emb`, `net.0.b1.conv1.conv.weight`, `readout.0.weight`, `eos_tokens`, ...), so converting a Honeybee
-checkpoint is a prefix strip and an OIHW -> OHWI transpose of the conv weights.
+(`pos_emb`, `net.0.b1.conv1.conv.weight`, `readout.0.weight`, `eos_tokens`, ...), so
+converting a Honeybee checkpoint is a prefix strip and an OIHW -> OHWI transpose of the conv
+weights.
+
+LLaVA's connector, "mlp", is none of these: Linear, activation, Linear on each feature token,
+one image token per feature token (named as transformers' LlavaMultiModalProjector).
 """
 
 import math
@@ -18,6 +22,7 @@ import numpy as np
 from mm1_mlx.config import ConnectorConfig
 from mm1_mlx.errors import UserError
 from mm1_mlx.interpolate import resize_bicubic
+from mm1_mlx.vision import ACTIVATIONS
 
 # timm's ConvNormAct turns Honeybee's LayerNorm2d into LayerNormAct2d, whose eps is 1e-5
 # (LayerNorm2d's own default would be 1e-6).
@@ -268,8 +273,33 @@ class AttentionPoolConnector(nn.Module):
         return apply_layers(self.readout, self.attn(queries, x, x))
 
 
+class MLPConnector(nn.Module):
+    """LLaVA's projector: each feature token through Linear, act, Linear."""
+
+    def __init__(self, config: ConnectorConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.input_dim, config.output_dim, bias=config.bias)
+        self.act = ACTIVATIONS[config.act]
+        self.linear_2 = nn.Linear(config.output_dim, config.output_dim, bias=config.bias)
+
+    def __call__(self, features: mx.array) -> mx.array:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def check_mlp(config: ConnectorConfig) -> None:
+    if config.num_tokens != config.num_input_tokens:
+        raise UserError(
+            f"connector_config: an mlp makes one token per input token, so num_tokens "
+            f"({config.num_tokens}) must equal num_input_tokens ({config.num_input_tokens})"
+        )
+    if config.act not in ACTIVATIONS:
+        raise UserError(f"connector_config: act {config.act!r} is not one of {sorted(ACTIVATIONS)}")
+
+
 def build_connector(config: ConnectorConfig) -> nn.Module:
-    if math.isqrt(config.num_tokens) ** 2 != config.num_tokens:
+    if config.model_type == "mlp":
+        check_mlp(config)
+    elif math.isqrt(config.num_tokens) ** 2 != config.num_tokens:
         raise UserError(f"connector_config: num_tokens must be a square, not {config.num_tokens}")
     if config.num_eos_tokens < 0:
         raise UserError(
@@ -288,7 +318,9 @@ def build_connector(config: ConnectorConfig) -> nn.Module:
         return AvgPoolConnector(config)
     if config.model_type == "attn-pool":
         return AttentionPoolConnector(config)
+    if config.model_type == "mlp":
+        return MLPConnector(config)
     raise UserError(
         f"connector_config: unknown model_type '{config.model_type}' "
-        "(c-abstractor, avg-pool or attn-pool)"
+        "(c-abstractor, avg-pool, attn-pool or mlp)"
     )

@@ -73,14 +73,11 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"vision width {config.width} is not a multiple of heads {config.heads}"
             )
-        if not -config.layers - 1 <= config.feature_layer <= config.layers:
-            raise ValueError(
-                f"vision feature_layer {config.feature_layer} is outside "
-                f"[{-config.layers - 1}, {config.layers}] for {config.layers} layers"
-            )
+        if config.keep_class_token and not config.class_token:
+            raise ValueError("vision keep_class_token needs class_token")
         self.config = config
-        # hidden_states[i] is the output of block i (0: the embeddings), so run i blocks.
-        self.num_blocks_run = config.feature_layer % (config.layers + 1)
+        # hidden_states[i] is the output of block i (0: the embeddings).
+        self.num_blocks_run = max(feature_states(config))
 
         self.position_grid = config.position_grid or config.grid_size
 
@@ -114,8 +111,10 @@ class VisionTransformer(nn.Module):
 
     def __call__(self, pixels: mx.array) -> mx.array:
         """pixels [B, H, W, 3], normalized -> patch features [B, (H // patch) * (W // patch),
-        width] at `feature_layer`, CLS dropped. Like PyTorch's conv, the patch embedding drops
-        a remainder (SigLIP so400m-patch14-384 runs at 384 on a 27x27 grid)."""
+        width] at `feature_layer`, CLS dropped unless kept (then first: one more token);
+        several feature layers concatenate their features (width each). Like PyTorch's conv,
+        the patch embedding drops a remainder (SigLIP so400m-patch14-384 runs at 384 on a
+        27x27 grid)."""
         x = self.patch_embed(pixels)
         batch, grid_height, grid_width, width = x.shape
         x = x.reshape(batch, grid_height * grid_width, width)
@@ -125,10 +124,28 @@ class VisionTransformer(nn.Module):
         x = x + self.position_embeddings(grid_height, grid_width)
         if self.config.pre_norm:
             x = self.ln_pre(x)
+        hidden_states = [x]
         for block in self.blocks[: self.num_blocks_run]:
-            x = block(x)
-        if self.config.class_token:
-            x = x[:, 1:]
-        if self.config.feature_post_norm:
-            x = self.ln_post(x)
-        return x
+            hidden_states.append(block(hidden_states[-1]))
+        features = [self.features(hidden_states[i]) for i in feature_states(self.config)]
+        return features[0] if len(features) == 1 else mx.concatenate(features, axis=-1)
+
+    def features(self, hidden: mx.array) -> mx.array:
+        """One hidden state's features for the connector."""
+        if self.config.class_token and not self.config.keep_class_token:
+            hidden = hidden[:, 1:]
+        return self.ln_post(hidden) if self.config.feature_post_norm else hidden
+
+
+def feature_states(config: VisionConfig) -> list[int]:
+    """The indices into the hidden states (0: the embeddings) of config's feature layers."""
+    layers = config.feature_layers
+    if not layers:
+        raise ValueError("vision feature_layer is an empty list")
+    for layer in layers:
+        if not -config.layers - 1 <= layer <= config.layers:
+            raise ValueError(
+                f"vision feature_layer {layer} is outside "
+                f"[{-config.layers - 1}, {config.layers}] for {config.layers} layers"
+            )
+    return [layer % (config.layers + 1) for layer in layers]

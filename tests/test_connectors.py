@@ -5,6 +5,8 @@ The C-Abstractor reference below is Honeybee's CAbstractor with timm's RegStage 
 names of real Honeybee checkpoints; it is saved with torch.save and converted from the file.
 """
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -198,3 +200,33 @@ def test_not_a_c_abstractor(tmp_path, state):
     path = tmp_path / "model.bin"
     torch.save(state, path)
     assert "not a Honeybee C-Abstractor checkpoint" in error_message(path)
+
+
+def test_mlp_is_llavas_projector():
+    """Linear, GELU, Linear on each feature token, named as LlavaMultiModalProjector."""
+    config = ConnectorConfig(
+        model_type="mlp", input_dim=24, output_dim=40, num_input_tokens=17, num_tokens=17
+    )
+    connector = build_connector(config)
+    reference = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 40))
+    weights = {
+        f"linear_{i}.{p}": getattr(reference[layer], p).detach().numpy()
+        for i, layer in ((1, 0), (2, 2))
+        for p in ("weight", "bias")
+    }
+    connector.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    assert compare(connector, reference, 17, 24) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (dict(num_tokens=16), "num_tokens (16) must equal num_input_tokens (17)"),
+        (dict(act="swish"), "act 'swish' is not one of"),
+        (dict(num_eos_tokens=1), "num_eos_tokens needs a c-abstractor or avg-pool"),
+    ],
+)
+def test_mlp_settings_are_checked(fields, expected):
+    values = dict(model_type="mlp", input_dim=8, output_dim=8, num_input_tokens=17, num_tokens=17)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        build_connector(ConnectorConfig(**{**values, **fields}))

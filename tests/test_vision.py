@@ -1,6 +1,8 @@
 """The ViT encoder and its converter against transformers' CLIP / SigLIP (tiny random models)."""
 
+import dataclasses
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -327,3 +329,33 @@ def test_bad_overrides(open_clip_file):
     one_line_error(open_clip_file, "feature_layer 5", feature_layer=5)
     one_line_error(open_clip_file, "act 'swish'", act="swish")
     one_line_error(open_clip_file, "width 32 is not a multiple of heads 5", heads=5)
+
+
+def test_concatenated_feature_layers_keep_the_class_token(hf_models):
+    """LLaVA's features: several hidden states side by side on the channel axis, CLS first."""
+    folder, vision_model = hf_models["clip-vision"]
+    pixels = random_pixels(SIZES[0])
+    config, _, weights = convert_vision(folder, feature_layer=[-1, 0])
+    config = dataclasses.replace(config, keep_class_token=True)
+    model = VisionTransformer(config)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    ours = np.array(model(mx.array(pixels.permute(0, 2, 3, 1).numpy())))
+    with torch.no_grad():
+        states = vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    expected = torch.cat([states[-1], states[0]], dim=-1).numpy()
+    assert ours.shape == (2, config.num_feature_tokens, config.feature_dim) == (2, 17, 64)
+    assert relative_error(ours, expected) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (dict(feature_layer=[]), "feature_layer is an empty list"),
+        (dict(feature_layer=[-1, 4]), "feature_layer 4 is outside [-4, 3]"),
+        (dict(class_token=False, keep_class_token=True), "keep_class_token needs class_token"),
+    ],
+)
+def test_feature_settings_are_checked(fields, expected):
+    config = VisionConfig(image_size=28, patch_size=7, width=32, layers=3, heads=4, mlp_dim=64)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        VisionTransformer(dataclasses.replace(config, **fields))
