@@ -152,6 +152,26 @@ def test_an_interrupted_run_resumes_exactly(tmp_path):
     assert all(mx.array_equal(whole[name], resumed[name]).item() for name in whole)
 
 
+def test_a_damaged_last_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
+    write_scenes(tmp_path / "data", 12)
+    scenes = [tmp_path / "data" / "scenes.jsonl"]
+    settings = DenseSettings(steps=4, batch_size=4, held_out=4, log_every=1, checkpoint_every=2)
+    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "whole", settings)
+
+    def interrupt_at_step_3(step, values):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, report=interrupt_at_step_3)
+    weights = tmp_path / "out.partial" / "checkpoints" / "step-0000003" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk
+    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, resume=True)
+    assert "unreadable trainable.safetensors" in capsys.readouterr().err
+    whole, resumed = (mx.load(str(tmp_path / n / "model.safetensors")) for n in ("whole", "out"))
+    assert all(mx.array_equal(whole[name], resumed[name]).item() for name in whole)
+
+
 def test_dense_pretrain_cli_reports_bad_input_in_one_line(tmp_path):
     missing = tmp_path / "nope.jsonl"
     code, _, err = run_cli(

@@ -35,7 +35,7 @@ from mm1_mlx.train.optim import compiled_update, make_schedule
 from mm1_mlx.train.ranks import init_group, sum_over_ranks
 from mm1_mlx.train.trainer import (
     checkpoint_dirs,
-    restore_checkpoint,
+    resume_from,
     save_checkpoint,
     stops_save,
     whole_step,
@@ -244,6 +244,21 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
 # -- the stage ----------------------------------------------------------------------------------
 
 
+@dataclass
+class SceneSampler:
+    """The training scenes' random order, saved and restored with each checkpoint."""
+
+    rng: random.Random
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss]}  # as JSON keeps it
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
 def partial_folder(out: Path) -> Path:
     """Where an unfinished run keeps its checkpoints (not in OUT: OUT appears only when done)."""
     return out.with_name(out.name + ".partial")
@@ -293,17 +308,13 @@ def dense_pretrain(
     loss_and_grad = nn.value_and_grad(
         net, lambda net, batch, counts: dense_loss(net, batch, settings.box_weight, counts)
     )
-    start = 0
-    if checkpoints:
-        state = restore_checkpoint(checkpoints[-1], net, optimizer)
-        start, (version, internal, gauss) = state["step"], state["data"]["rng"]
-        rng.setstate((version, tuple(internal), gauss))
-    step = start
+    sampler = SceneSampler(rng)
+    start = step = resume_from(partial, net, optimizer, sampler, setup={}, loud=is_main)
     update = compiled_update(net, optimizer, grad_clip=1.0)
 
     def checkpoint() -> None:
         if is_main:
-            save_checkpoint(partial, step, net, optimizer, {"rng": rng.getstate()}, keep=1)
+            save_checkpoint(partial, step, net, optimizer, sampler.state_dict(), keep=2)
 
     logged_step, logged_at = step, time.perf_counter()
     try:

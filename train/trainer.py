@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -367,16 +367,16 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer) -> None
     mx.eval(model.parameters(), optimizer.state)
 
 
-def restore_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
-    """Load one checkpoint into the model and optimizer; returns its state.json."""
-    checkpoint = read_checkpoint(folder)
-    check_fits(checkpoint, model, optimizer)
-    load_checkpoint(checkpoint, model, optimizer)
-    return checkpoint.state
+class DataPosition(Protocol):
+    """Where a run is in its data (a DataLoader; dense pre-training's scene order)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def resume_from(
-    out: Path, model: MM1Model, optimizer, loader: DataLoader, setup: dict, loud: bool = True
+    out: Path, model: nn.Module, optimizer, loader: DataPosition, setup: dict, loud: bool = True
 ) -> int:
     """Load the newest readable checkpoint and return its step (0 when there is none); each
     damaged one passed over is a warning line (when `loud`). A checkpoint of another setup is
@@ -400,7 +400,7 @@ def resume_from(
     return 0
 
 
-def load_data_state(checkpoint: Checkpoint, loader: DataLoader, fresh: dict) -> None:
+def load_data_state(checkpoint: Checkpoint, loader: DataPosition, fresh: dict) -> None:
     """The data position, checked against a fresh loader's (same fields, same kinds). Loading
     may change the loader before it fails; the next checkpoint's state then replaces it all."""
     saved = checkpoint.state["data"]
