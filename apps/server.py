@@ -133,6 +133,10 @@ class Generator:
         self.closing = threading.Event()
 
     def submit(self, inputs: PromptInputs, settings: GenerationSettings) -> Job:
+        if self.closing.is_set():
+            raise ApiError(
+                503, "the server is stopping; the request was not answered", "server_error"
+            )
         job = Job(inputs, settings, asyncio.get_running_loop())
         self.worker.submit(self._run, job)
         return job

@@ -2,6 +2,7 @@
 settings, bad input, 20 concurrent requests in order, stopping on disconnect, no disk writes."""
 
 import asyncio
+import concurrent.futures
 import io
 import itertools
 import json
@@ -10,6 +11,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -367,6 +369,33 @@ def test_a_client_that_gives_up_stops_its_generation(url, client, generated):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", json=LONG, timeout=0.5)
     assert_stopped_early(client, generated)
+
+
+def test_requests_the_server_stops_before_answering_get_503(tiny_model, monkeypatch):
+    model, processor = tiny_model
+    app = server.create_app(model, processor, "tiny")
+    generator, release = app.state.served.generator, threading.Event()
+    original = server.Generator._generate
+
+    def held(self, job):  # the worker is busy until released
+        release.wait(10)
+        yield from original(self, job)
+
+    monkeypatch.setattr(server.Generator, "_generate", held)
+    hi = [{"role": "user", "content": "hi"}]
+    with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(ask, client, hi)
+            time.sleep(0.2)
+            queued = pool.submit(ask, client, hi)
+            time.sleep(0.2)
+            generator.close()  # what Ctrl+C does
+            release.set()
+            responses = [running.result(), queued.result()]
+        responses.append(ask(client, hi))  # after the server began stopping
+    for response in responses:
+        assert response.status_code == 503
+        assert response.json()["error"]["message"].startswith("the server is stopping")
 
 
 _WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
