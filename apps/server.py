@@ -293,6 +293,7 @@ def parse_request(body: bytes, served: Served) -> ChatRequest:
         raise ApiError(
             400, f"too many images: {len(images)}, at most {served.max_images} a request"
         )
+    refuse_long_text(served.processor, messages, served.context)
     inputs = prompt_inputs(served.processor, messages, images)
     return ChatRequest(inputs, fit_context(inputs, settings, served.context), stream)
 
@@ -328,6 +329,33 @@ def prompt_inputs(
         return processor.apply_chat_template(messages)
     except UserError as error:
         raise ApiError(400, str(error)) from None
+
+
+# Text this many times the context in characters is tokenized only in part first: a few
+# megabytes would otherwise keep a parser thread busy for seconds before being refused.
+CHARS_PER_TOKEN_CHECKED = 8
+
+
+def refuse_long_text(processor: Processor, messages: list[dict[str, Any]], context: int | None):
+    """Refuse, without tokenizing all of it, text whose first part alone overflows the context
+    (the whole prompt is at least as long, give or take a token where the part is cut)."""
+    if context is None:
+        return
+    texts = [
+        part["text"] if isinstance(part, dict) else part
+        for message in messages
+        for part in (
+            message["content"] if isinstance(message["content"], list) else [message["content"]]
+        )
+        if not isinstance(part, dict) or part["type"] == "text"
+    ]
+    text, limit = "\n".join(texts), context * CHARS_PER_TOKEN_CHECKED
+    if len(text) > limit and len(processor.tokenize(text[:limit])) > context + 1:
+        raise ApiError(
+            400,
+            f"the prompt's text is over {context:,} tokens; this model's context holds {context:,}",
+            "context_length_exceeded",
+        )
 
 
 def fit_context(

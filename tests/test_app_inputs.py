@@ -329,6 +329,21 @@ def test_a_prompt_over_the_context_is_refused_before_the_worker(client, generati
     assert time.monotonic() - started < 5 and generations == []
 
 
+def test_a_long_text_is_refused_from_its_first_part(client, monkeypatch):
+    tokenized = []
+    tokenize = server.Processor.tokenize
+    monkeypatch.setattr(
+        server.Processor,
+        "tokenize",
+        lambda self, text: tokenized.append(len(text)) or tokenize(self, text),
+    )
+    text = "one two three " * (MAX_BODY // 15)  # as much as a request body holds
+    response = client.post("/v1/chat/completions", **user([{"type": "text", "text": text}]))
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "context_length_exceeded"
+    assert tokenized == [CONTEXT * server.CHARS_PER_TOKEN_CHECKED]  # of 280,000 characters
+
+
 def test_image_tokens_count_against_the_context(client, tiny_model):
     _, processor = tiny_model
     png = png_of((32, 32), (200, 30, 30))
