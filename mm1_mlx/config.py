@@ -128,8 +128,12 @@ class PreprocessConfig(_FromDict):
     image_size: int = 378
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
-    resize_mode: str = "squash"  # "squash" (DFN5B) or "pad" (keep aspect, pad with the mean)
-    interpolation: str = "bicubic"
+    # "squash" (DFN5B), "pad" (keep aspect, pad with the mean) or "crop" (CLIP's: the shortest
+    # edge resized to shortest_edge, then the centre image_size square)
+    resize_mode: str = "squash"
+    shortest_edge: int | None = None  # "crop" only
+    interpolation: str = "bicubic"  # PIL's filter: processor.RESAMPLE's names
+    rescale_factor: float = 1 / 255  # pixel values 0..255 times this, then mean and std
     splitting: dict[str, Any] = field(default_factory=dict)  # SPLITTING_DEFAULTS' keys
 
     def __post_init__(self):

@@ -4,10 +4,16 @@ A prompt marks each image with `<image>` (config.image_token). Each image become
 whole picture, resized as the encoder was trained) or, with MM1.5 splitting (splitting.py), its
 grid's tiles and an overview, each behind a text marker. Every tile takes num_image_tokens
 copies of image_token_id in `input_ids`, in the order of `tiles`.
+
+Chat templates get each message's content as they were written to take it: a template that
+loops over a message's content (`{% for part in message['content'] %}`, as the templates of
+transformers' multimodal processors do, e.g. llava-hf's) gets a list of {"type": "image"} and
+{"type": "text", "text": ...} parts; any other gets a string with `<image>` markers.
 """
 
 import hashlib
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +35,25 @@ ImageInput = str | Path | bytes | Image.Image | np.ndarray
 MAX_PIXELS = 64_000_000
 MAX_ASPECT_RATIO = 100
 WHITE = (255, 255, 255, 255)
-RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+RESAMPLE = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+}
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 EXIF_ORIENTATION = 0x0112
 WHOLE_IMAGE = (1, 1)  # the grid of an image that is not split: one tile, the whole picture
+# A template's loop over a message's content: `{% for x in m['content'] %}`, `{%- for x in
+# m.content | selectattr(...) %}`; not over a string made of it (`m['content'].split(...)`).
+LOOP_OVER_CONTENT = re.compile(
+    r"""\{%-?\s*for\s+\w+\s+in\s+\w+\s*
+    (?:\[\s*['"]content['"]\s*\]|\.\s*content\b)  # m['content'] or m.content
+    \s*(?:\||if\b|-?%\})  # then a filter, a condition or the tag's end""",
+    re.VERBOSE,
+)
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -171,18 +192,46 @@ def place_in_canvas(
 
 def resize_image(image: Image.Image, config: PreprocessConfig) -> Image.Image:
     """The whole image at the encoder's square input size, as the encoder was trained:
-    "squash" (DFN5B) ignores the aspect ratio, "pad" keeps it."""
+    "squash" (DFN5B) ignores the aspect ratio, "pad" keeps it, "crop" (CLIP) keeps the centre."""
     size = config.image_size
     if config.resize_mode == "squash":
         return image.resize((size, size), _resample_filter(config))
     if config.resize_mode == "pad":
         return place_in_canvas(image, (size, size), config)
-    raise UserError(f"unknown resize_mode {config.resize_mode!r} in config.json (squash or pad)")
+    if config.resize_mode == "crop":
+        return centre_square(resize_shortest_edge(image, config), size)
+    raise UserError(
+        f"unknown resize_mode {config.resize_mode!r} in config.json (squash, pad or crop)"
+    )
+
+
+def resize_shortest_edge(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """`image` resized so that its shortest edge is config.shortest_edge, the longer one
+    rounded down as transformers' CLIPImageProcessor does."""
+    edge = config.shortest_edge
+    if not isinstance(edge, int) or edge < config.image_size:
+        raise UserError(
+            f"resize_mode 'crop' needs a shortest_edge of at least image_size "
+            f"{config.image_size} in config.json, not {edge!r}"
+        )
+    width, height = image.size
+    longer = int(edge * max(width, height) / min(width, height))
+    size = (edge, longer) if width <= height else (longer, edge)
+    return image.resize(size, _resample_filter(config))
+
+
+def centre_square(image: Image.Image, size: int) -> Image.Image:
+    """The centre size x size of an image at least that large (odd margins: one more pixel on
+    the right and bottom, as transformers' center_crop)."""
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def normalize(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """An RGB image -> [H, W, 3] float32 with the encoder's mean and std."""
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    """An RGB image -> [H, W, 3] float32: rescaled, then with the encoder's mean and std."""
+    # In float64 then cast, as transformers rescales; with 1/255 this is bit for bit x / 255.
+    pixels = (np.asarray(image, dtype=np.float64) * config.rescale_factor).astype(np.float32)
     return (pixels - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32)
 
 
@@ -193,8 +242,8 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray
 
 def _image_digest(image: Image.Image, config: PreprocessConfig) -> str:
     """A hash of the image's pixels and of the settings its tiles are made with."""
-    settings = (image.size, config.image_size, config.mean, config.std)
-    settings += (config.resize_mode, config.interpolation)
+    settings = (image.size, config.image_size, config.mean, config.std, config.rescale_factor)
+    settings += (config.resize_mode, config.shortest_edge, config.interpolation)
     digest = hashlib.blake2b(image.tobytes(), digest_size=16)
     digest.update(repr(settings).encode())
     return digest.hexdigest()
@@ -242,6 +291,9 @@ class Processor:
     def __init__(self, tokenizer, config: MM1Config):
         self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper
         self.config = config
+        template = getattr(tokenizer, "chat_template", None)
+        # Whether the chat template takes content as parts (the module docstring).
+        self.takes_parts = isinstance(template, str) and bool(LOOP_OVER_CONTENT.search(template))
 
     @classmethod
     def from_folder(cls, folder: Path, config: MM1Config) -> "Processor":
@@ -300,40 +352,67 @@ class Processor:
     def flatten_messages(
         self, messages: list[dict[str, Any]], images: Sequence[ImageInput]
     ) -> tuple[list[dict[str, Any]], list[ImageInput]]:
-        """Messages with string content (text-only templates expect strings) and the prompt's
-        images in marker order."""
+        """Messages with content as the chat template takes it (the module docstring) and the
+        prompt's images in marker order."""
         slots: list[Any] = []  # per marker, in order: its image, or _NEXT_IMAGE
         conversation = []
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise UserError(f"a chat message needs a role and a content, not {message!r:.80}")
-            conversation.append(
-                {**message, "content": self._content_text(message.get("content"), slots)}
-            )
+            parts = self._content_parts(message.get("content"), slots)
+            conversation.append({**message, "content": self._template_content(parts)})
         wanted = sum(slot is _NEXT_IMAGE for slot in slots)
         _check_marker_count(wanted, len(images), self.image_token)
         supplied = iter(images)
         return conversation, [next(supplied) if s is _NEXT_IMAGE else s for s in slots]
 
-    def _content_text(self, content: str | list[dict[str, Any]], slots: list[Any]) -> str:
-        """A message's content as a string with `<image>` markers; records each marker's image
-        in `slots`."""
+    def _content_parts(
+        self, content: str | list[dict[str, Any]], slots: list[Any]
+    ) -> list[dict[str, str]]:
+        """A message's content as text parts (which may hold `<image>` markers) and image parts;
+        records the image of each image part and marker in `slots`, in order."""
         if isinstance(content, str):
-            slots.extend([_NEXT_IMAGE] * content.count(self.image_token))
-            return content
+            content = [{"type": "text", "text": content}]
         if not isinstance(content, list):  # data files and web requests hold anything
             raise UserError(f"a chat message's content is a string or a list, not {content!r:.80}")
-        pieces = []
+        parts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                pieces.append(self._content_text(part.get("text", ""), slots))
+            text = part.get("text", "") if kind == "text" else None
+            if isinstance(text, str):
+                slots.extend([_NEXT_IMAGE] * text.count(self.image_token))
+                parts.append({"type": "text", "text": text})
             elif kind == "image":
                 slots.append(part.get("image", _NEXT_IMAGE))
-                pieces.append(self.image_token)
+                parts.append({"type": "image"})
             else:
                 raise UserError(f"unknown chat message part {part!r:.80} (type text or image)")
-        return "".join(pieces)
+        return parts
+
+    def _template_content(self, parts: list[dict[str, str]]) -> str | list[dict[str, str]]:
+        """Parts as the chat template takes them: a string with `<image>` markers, or parts
+        with the markers in text made image parts."""
+        if not self.takes_parts:
+            return "".join(p["text"] if p["type"] == "text" else self.image_token for p in parts)
+        return [piece for part in parts for piece in self._split_at_markers(part)]
+
+    def _split_at_markers(self, part: dict[str, str]) -> list[dict[str, str]]:
+        """A text part with `<image>` markers -> its text and image parts. The whitespace beside
+        a marker goes with it ("<image>\\nWhat is it?" is an image, then "What is it?"): such
+        templates place images with their own separators."""
+        if part["type"] == "image" or self.image_token not in part["text"]:
+            return [part]
+        pieces = part["text"].split(self.image_token)
+        parts = []
+        for index, piece in enumerate(pieces):
+            if index > 0:
+                parts.append({"type": "image"})
+                piece = piece.lstrip()
+            if index < len(pieces) - 1:
+                piece = piece.rstrip()
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return parts
 
     def render(self, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if not self.tokenizer.has_chat_template:
