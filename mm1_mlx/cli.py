@@ -54,16 +54,43 @@ def finite(
     return check
 
 
+# The options that assemble a model from parts, which --vlm does not take.
+PARTS_OPTIONS = (
+    "vision",
+    "llm",
+    "connector",
+    "connector_type",
+    "num_image_tokens",
+    "connector_hidden_dim",
+    "connector_depth",
+    "image_size",
+    "feature_layer",
+    "vision_heads",
+    "vision_act",
+)
+CONVERT_STEPS = ["vision encoder", "language model", "connector", "writing"]
+
+
 @app.command()
 def convert(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Output model folder.")],
     vision: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Vision encoder: open_clip file/folder, HF CLIP or SigLIP folder, or hub id."
         ),
-    ],
-    llm: Annotated[str, typer.Option(help="Decoder: an HF causal-LM folder or hub id.")],
-    out: Annotated[Path, typer.Option(help="Output model folder.")],
+    ] = None,
+    llm: Annotated[
+        str | None, typer.Option(help="Decoder: an HF causal-LM folder or hub id.")
+    ] = None,
+    vlm: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of the parts: a whole vision-language checkpoint (LLaVA in "
+            "transformers' format), folder or hub id."
+        ),
+    ] = None,
     connector: Annotated[
         str | None, typer.Option(help="Honeybee checkpoint with a C-Abstractor; fresh if omitted.")
     ] = None,
@@ -105,50 +132,79 @@ def convert(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Assemble an MM1 model folder from PyTorch-format vision, LLM and connector weights."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    """Assemble an MM1 model folder from PyTorch-format vision, LLM and connector weights, or
+    convert a whole vision-language checkpoint (--vlm)."""
     from mm1_mlx.convert.assemble import convert_model
+    from mm1_mlx.convert.vlm import convert_vlm
     from mm1_mlx.loading import check_writable
 
+    parts = given_options(ctx, PARTS_OPTIONS)
+    if vlm is not None and parts:
+        raise typer.BadParameter(f"does not go with {', '.join(parts)}", param_hint="'--vlm'")
+    if vlm is None and (vision is None or llm is None):
+        raise typer.BadParameter(
+            "both are needed (or --vlm for a whole checkpoint)", param_hint="'--vision' / '--llm'"
+        )
     check_writable(out, force)
 
-    overrides = {
-        "image_size": image_size,
-        "feature_layer": feature_layer,
-        "heads": vision_heads,
-        "act": vision_act,
-    }
-    steps = ["vision encoder", "language model", "connector", "writing"]
+    with conversion_progress() as step:
+        if vlm is not None:
+            config = convert_vlm(vlm, out, dtype=dtype, overwrite=force, step=step)
+        else:
+            overrides = {
+                "image_size": image_size,
+                "feature_layer": feature_layer,
+                "heads": vision_heads,
+                "act": vision_act,
+            }
+            config = convert_model(
+                vision,
+                llm,
+                out,
+                connector=connector,
+                connector_type=connector_type,
+                connector_options={"hidden_dim": connector_hidden_dim, "depth": connector_depth},
+                num_image_tokens=num_image_tokens,
+                dtype=dtype,
+                vision_overrides={k: v for k, v in overrides.items() if v is not None},
+                overwrite=force,
+                step=step,
+            )
+    vision_config = config.vision_config
+    typer.echo(
+        f"wrote {out}: {vision_config.model_type} ViT {vision_config.width}x"
+        f"{vision_config.layers}, {config.connector_config.model_type} "
+        f"({config.num_image_tokens} tokens), {config.text_config['model_type']} decoder; "
+        f"image token {config.image_token!r} = id {config.image_token_id}"
+    )
+
+
+def given_options(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The flags among `names` given on the command line (or by environment)."""
+    given = []
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.append("--" + name.replace("_", "-"))
+    return given
+
+
+@contextmanager
+def conversion_progress() -> Iterator[Callable[[str], None]]:
+    """A spinner naming the conversion step under way; yields the `step(name)` callback."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True
     ) as progress:
-        task = progress.add_task("converting", total=len(steps))
+        task = progress.add_task("converting", total=len(CONVERT_STEPS))
 
         def step(name: str) -> None:
-            progress.update(task, description=f"converting: {name}", completed=steps.index(name))
+            completed = CONVERT_STEPS.index(name)
+            progress.update(task, description=f"converting: {name}", completed=completed)
 
-        config = convert_model(
-            vision,
-            llm,
-            out,
-            connector=connector,
-            connector_type=connector_type,
-            connector_options={"hidden_dim": connector_hidden_dim, "depth": connector_depth},
-            num_image_tokens=num_image_tokens,
-            dtype=dtype,
-            vision_overrides={k: v for k, v in overrides.items() if v is not None},
-            overwrite=force,
-            step=step,
-        )
-        progress.update(task, completed=len(steps))
-    vision = config.vision_config
-    typer.echo(
-        f"wrote {out}: {vision.model_type} ViT {vision.width}x{vision.layers}, "
-        f"{config.connector_config.model_type} ({config.num_image_tokens} tokens), "
-        f"{config.text_config['model_type']} decoder; image token {config.image_token!r} "
-        f"= id {config.image_token_id}"
-    )
+        yield step
+        progress.update(task, completed=len(CONVERT_STEPS))
 
 
 @app.command()
