@@ -9,6 +9,10 @@
    through their own generation paths: image encoding + connector + prefill + first sample.
 3. Peak memory of each measurement.
 4. The 4-bit model (`quantize_model`, group size 64): decode tokens/s and weights on disk.
+5. The same LLaVA checkpoint on both sides: a llava-hf folder (LlavaForConditionalGeneration
+   of the same sizes, random weights, saved by transformers in the hub's layout) converted by
+   `mm1-mlx convert --vlm` and loaded by mlx-vlm as it is; the same prompt ids and pixels, time
+   to first token and decode tokens/s, and whether the greedy answers agree token for token.
 
 Every model is randomly initialised here (no downloads). The sides of each comparison run
 alternately, after a warm-up; the table gives each side's median and the median (and range) of
@@ -35,13 +39,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.generate import generation_stream as mlx_lm_generation_stream
+from mlx_vlm import load as mlx_vlm_load
 from mlx_vlm.generate import generate_step as mlx_vlm_generate_step
 from mlx_vlm.generate.common import generation_stream as mlx_vlm_generation_stream
 from mlx_vlm.models import llava
+from PIL import Image
 
 from mm1_mlx.config import ConnectorConfig, MM1Config, VisionConfig
+from mm1_mlx.convert.vlm import convert_vlm
 from mm1_mlx.generate import GenerationSettings, generate_tokens
-from mm1_mlx.loading import save_weights
+from mm1_mlx.loading import DEMO_MODEL, save_weights
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import PromptInputs
 from mm1_mlx.quantize import quantize_model, weights_bytes
@@ -280,6 +287,98 @@ def llava_side(model: llava.Model, prompt: list[int], pixels: np.ndarray) -> Sid
     )
 
 
+def write_llava_checkpoint(sizes: Sizes, folder: Path) -> None:
+    """A llava-hf folder of these sizes, random weights, as the hub's uploads hold it: built and
+    saved by transformers, the vision tower's weights under `vision_tower.vision_model.` (as
+    mlx-vlm reads them), the demo model's tokenizer, a CLIP image processor."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    text = LlamaConfig(**{**text_config(sizes), "vocab_size": max(sizes.vocab, len(tokenizer))})
+    vision = CLIPVisionConfig(
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+        hidden_size=sizes.vit_width,
+        num_hidden_layers=sizes.vit_layers,
+        num_attention_heads=sizes.vit_heads,
+        intermediate_size=sizes.vit_mlp,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(str(folder))
+    weights = mx.load(str(folder / "model.safetensors"))
+    hub_names = {
+        name.replace("vision_tower.", "vision_tower.vision_model.", 1): value
+        for name, value in weights.items()
+    }
+    mx.save_safetensors(str(folder / "model.safetensors"), hub_names, {"format": "pt"})
+    crop = {"height": sizes.image_size, "width": sizes.image_size}
+    image_processor = CLIPImageProcessor(size={"shortest_edge": sizes.image_size}, crop_size=crop)
+    processor = LlavaProcessor(image_processor, tokenizer, patch_size=sizes.patch_size)
+    processor.save_pretrained(str(folder))
+
+
+def random_picture(sizes: Sizes) -> Image.Image:
+    rng = np.random.default_rng(2)
+    side = sizes.image_size + 17  # resized and cropped on the way in
+    return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def vlm_side(model: nn.Module, inputs: PromptInputs, new_tokens: int) -> Side:
+    """mlx-vlm's generate_step on the prompt ids and pixels (NCHW) our processor made."""
+    input_ids = mx.array([inputs.input_ids])
+    pixel_values = mx.array(inputs.tiles.transpose(0, 3, 1, 2))
+    return Side(
+        lambda: mlx_vlm_generate_step(
+            input_ids, model, pixel_values, None, max_tokens=new_tokens, temperature=0.0
+        ),
+        weights_bytes(model),
+    )
+
+
+def same_llava_checkpoint(sizes: Sizes) -> dict:
+    """Part 5 (module docstring): one llava-hf folder, converted by mm1-mlx and read by mlx-vlm."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, converted = Path(tmp) / "llava-hf", Path(tmp) / "converted"
+        write_llava_checkpoint(sizes, source)
+        convert_vlm(source, converted)
+        ours, processor = mm1_mlx.load(converted)
+        theirs, _ = mlx_vlm_load(str(source))
+    words = " ".join(["what is in this picture"] * sizes.prompt_text_tokens)
+    inputs = processor.encode(f"<image>\n{words}", [random_picture(sizes)])
+    answers = {
+        "mm1-mlx": list(mm1_side(ours, inputs, sizes.new_tokens, ours).start())[-1].tokens,
+        "mlx-vlm": [int(token) for token, _ in vlm_side(theirs, inputs, sizes.new_tokens).start()],
+    }
+    runs = side_by_side(
+        {
+            "mm1-mlx": mm1_side(ours, inputs, sizes.new_tokens, ours),
+            "mlx-vlm": vlm_side(theirs, inputs, sizes.new_tokens),
+        },
+        sizes.new_tokens,
+        sizes.rounds,
+    )
+    return {
+        "runs": {name: [asdict(run) for run in side] for name, side in runs.items()},
+        "prompt_tokens": len(inputs.input_ids),
+        "same_answer": answers["mm1-mlx"] == answers["mlx-vlm"],
+    }
+
+
 def side_by_side(sides: dict[str, Side], new_tokens: int, rounds: int) -> dict[str, list[Run]]:
     """Warm each side up, then run them in turn `rounds` times, every other round in reverse
     order (so neither side always follows the other); each side's Runs, round by round."""
@@ -343,8 +442,11 @@ def benchmark(sizes: Sizes) -> dict:
         sizes.rounds,
     )
 
+    print("the same llava-hf checkpoint: mm1-mlx (converted) vs mlx-vlm ...", flush=True)
+    llava_hf = same_llava_checkpoint(sizes)
     print("weights on disk ...", flush=True)
     return {
+        "llava_hf": llava_hf,
         "decode": {name: [asdict(run) for run in runs] for name, runs in decode.items()},
         "ttft": {name: [asdict(run) for run in runs] for name, runs in ttft.items()},
         "image_tokens": {"mm1": sizes.image_tokens, "llava": patches},
@@ -370,6 +472,14 @@ ROWS = [
 ]
 
 
+# The same llava-hf checkpoint on both sides: measurement, value, format.
+LLAVA_HF_ROWS = [
+    ("same llava-hf checkpoint: time to first token (s)", "ttft_s", ".2f"),
+    ("same llava-hf checkpoint: decode tok/s", "decode_tps", ".1f"),
+    ("same llava-hf checkpoint: peak memory (GB)", "peak_gb", ".2f"),
+]
+
+
 def table_row(name: str, ours: list[float], peer: str, theirs: list[float], fmt: str) -> str:
     """Medians of per-round values, and the median (and range) of the rounds' ratios: the runs
     of a round are back to back, so their ratio is the least disturbed by the machine's load."""
@@ -389,6 +499,10 @@ def table(results: dict) -> str:
         ours_values = [run[key] for run in results[part][ours]]
         peer_values = [run[key] for run in results[part][peer]]
         lines.append(table_row(name, ours_values, peer, peer_values, fmt))
+    llava_hf = results["llava_hf"]["runs"]
+    for name, key, fmt in LLAVA_HF_ROWS:
+        ours, theirs = ([run[key] for run in llava_hf[side]] for side in ("mm1-mlx", "mlx-vlm"))
+        lines.append(table_row(name, ours, "mlx-vlm", theirs, fmt))
     weights = results["weights_bytes"]
     name = "weights on disk (GB), whole model, 4-bit (peer: fp32)"
     lines.append(
@@ -421,6 +535,10 @@ def describe(sizes: Sizes) -> str:
             "- peak memory: the weights a run reads plus what the run allocates",
             "- 4-bit: quantize_model(bits=4, group_size=64), which quantizes the decoder and "
             "the connector's Linear layers; the ViT and convolutions stay fp32",
+            "- same llava-hf checkpoint: LlavaForConditionalGeneration with the ViT and decoder "
+            "above (MLP projector, all patch tokens) saved by transformers; mm1-mlx runs it "
+            "converted (`mm1-mlx convert --vlm`), mlx-vlm as it is, on the same prompt ids and "
+            "pixels",
         ]
     )
 
@@ -439,6 +557,9 @@ def main() -> None:
     print(describe(sizes))
     print()
     print(table(results))
+    same = results["llava_hf"]["same_answer"]
+    answers = "equal" if same else "DIFFERENT"
+    print(f"\nsame llava-hf checkpoint, greedy answers token for token: {answers}")
     command = "python benchmarks/inference.py" + ("" if size == "full" else f" --{size}")
     print(f"\n`{command}` ({time.perf_counter() - started:.0f} s)")
     if args.json:

@@ -43,6 +43,7 @@ def test_inference(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["image_tokens"] == {"mm1": 4, "llava": 16}
     assert set(results["decode"]) == {"mm1-mlx", "mlx-lm", "mm1-mlx 4-bit"}
+    assert results["llava_hf"]["same_answer"] and "same llava-hf checkpoint" in out
 
 
 @pytest.mark.slow
