@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from mm1_mlx.config import MM1Config, read_json
+from mm1_mlx.convert.honeybee import convert_honeybee, is_honeybee_config
 from mm1_mlx.convert.llava import convert_llava
 from mm1_mlx.errors import UserError
 from mm1_mlx.loading import check_writable, resolve_path
 
 # A converter: (folder, out, dtype, overwrite, step) -> the written model's config.
 Converter = Callable[..., MM1Config]
-CONVERTERS: dict[str, Converter] = {"llava": convert_llava}
+CONVERTERS: dict[str, Converter] = {"llava": convert_llava, "honeybee": convert_honeybee}
 
 # Hub downloads: configs, tokenizer and processor files, and the weights.
 _HUB_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -46,7 +47,10 @@ def convert_vlm(
 
 
 def checkpoint_kind(config: dict[str, Any]) -> str | None:
-    """Which converter a config.json asks for: its model_type."""
+    """Which converter a config.json asks for: its model_type, or "honeybee" for Honeybee's
+    (whose model_type is "mllm" in one generation and absent in the other)."""
+    if is_honeybee_config(config):
+        return "honeybee"
     kind = config.get("model_type")
     return kind if isinstance(kind, str) else None
 

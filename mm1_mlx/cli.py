@@ -88,7 +88,7 @@ def convert(
         str | None,
         typer.Option(
             help="Instead of the parts: a whole vision-language checkpoint (LLaVA in "
-            "transformers' format), folder or hub id."
+            "transformers' format, or Honeybee), folder or hub id."
         ),
     ] = None,
     connector: Annotated[

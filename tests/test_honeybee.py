@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from builders import make_clip_vision, make_llm, make_tokenizer
-from helpers import relative_error
+from helpers import relative_error, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -252,16 +252,37 @@ def edit_config(config: dict, case: str) -> dict:
     ],
 )
 def test_unsupported_honeybee_is_one_line(tmp_path, case, expected):
-    """Checked before any weight is read: a folder of a config.json (and a tokenizer)."""
-    folder = tmp_path / "honeybee"
+    with pytest.raises(UserError) as error:
+        convert_honeybee(unsupported_honeybee(tmp_path, case), tmp_path / "model")
+    assert "\n" not in str(error.value) and expected in str(error.value), str(error.value)
+    assert not (tmp_path / "model").exists()
+
+
+def unsupported_honeybee(root, case: str):
+    """A Honeybee folder that fails before any tensor is read: its config.json edited for
+    `case`, a tokenizer (unless the case is its absence) and one foreign weight."""
+    folder = root / "honeybee"
     folder.mkdir()
-    vision, llm = make_clip_vision(tmp_path / "clip"), make_llm(tmp_path / "llm")
+    vision, llm = make_clip_vision(root / "clip"), make_llm(root / "llm")
     config = edit_config(honeybee_config(vision.config, llm.config, OLDER), case)
     (folder / "config.json").write_text("{" if case == "not JSON" else json.dumps(config))
     if case != "no tokenizer":
         make_tokenizer(folder)
     save_file({"base_model.model.x": torch.zeros(1)}, folder / "model.safetensors")
-    with pytest.raises(UserError) as error:
-        convert_honeybee(folder, tmp_path / "model")
-    assert "\n" not in str(error.value) and expected in str(error.value), str(error.value)
-    assert not (tmp_path / "model").exists()
+    return folder
+
+
+def test_convert_vlm_takes_honeybee(converted, tmp_path):
+    """`mm1-mlx convert --vlm` recognises Honeybee folders of both generations."""
+    _, _, folder = converted
+    out = tmp_path / "model"
+    code, _, err = run_cli("convert", "--vlm", str(folder.parent / "honeybee"), "--out", str(out))
+    assert code == 0, err
+    assert (out / "config.json").read_text() == (folder / "config.json").read_text()
+
+
+def test_convert_vlm_refuses_the_d_abstractor_in_one_line(tmp_path):
+    source = unsupported_honeybee(tmp_path, "d-abs")
+    code, _, err = run_cli("convert", "--vlm", str(source), "--out", str(tmp_path / "model"))
+    assert code == 1 and err.count("\n") == 1, err
+    assert "projector_type 'd-abs' is not supported" in err

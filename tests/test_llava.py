@@ -285,7 +285,7 @@ def test_unsupported_config_is_one_line(tmp_path, changes, expected):
     message = str(error.value)
     assert "\n" not in message and expected in message, message
     if "model_type" in changes:
-        assert "(it converts llava)" in message
+        assert "(it converts honeybee, llava)" in message
     assert not (tmp_path / "model").exists()
 
 
