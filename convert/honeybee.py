@@ -120,16 +120,13 @@ def convert_honeybee(
     image_token_id = add_image_token(tokenizer, IMAGE_TOKEN, text_config, decoder)
     tokenizer.chat_template = CHAT_TEMPLATE
     step("connector")
-    connector_config, connector_weights = convert_honeybee_weights(
-        weights,
-        ConnectorConfig(
-            input_dim=vision_config.width,
-            output_dim=text_config["hidden_size"],
-            num_input_tokens=vision_config.num_patches,
-            num_tokens=honeybee.num_query_tokens,
-        ),
-        str(folder),
+    neighbours = ConnectorConfig(
+        input_dim=vision_config.width,
+        output_dim=text_config["hidden_size"],
+        num_input_tokens=vision_config.num_patches,
+        num_tokens=honeybee.num_query_tokens,
     )
+    connector_config, connector_weights = convert_honeybee_weights(weights, neighbours, str(folder))
     config = MM1Config(
         vision_config=vision_config,
         connector_config=connector_config,
@@ -140,8 +137,8 @@ def convert_honeybee(
         num_image_tokens=connector_config.tokens_per_image,
     )
     step("writing")
-    weights = model_weights(vision_weights, connector_weights, decoder, cast)
-    write_model_folder(out, config, weights, tokenizer, folder, overwrite)
+    converted = model_weights(vision_weights, connector_weights, decoder, cast)
+    write_model_folder(out, config, converted, tokenizer, folder, overwrite)
     return config
 
 
