@@ -96,6 +96,17 @@ CASES = {
         layout="saved",
         format="sharded",
     ),
+    # For comparing answers as text: the tokenizer's own vocabulary.
+    "siglip-qwen2-chat": dict(
+        tower="siglip",
+        decoder="qwen2",
+        vocab_size=TOKENIZER_VOCAB,
+        tied=False,
+        feature_layer=-2,
+        strategy="full",
+        layout="newer",
+        format="safetensors",
+    ),
 }
 
 
@@ -221,10 +232,12 @@ def test_converted_model_matches_llava(llavas, name):
     assert error <= 1e-4
 
 
-def test_chat_answers_as_transformers_generate(llavas, tmp_path):
+@pytest.mark.parametrize("name", ["clip-llama", "siglip-qwen2-chat"])
+def test_chat_answers_as_transformers_generate(llavas, tmp_path, name):
     """`mm1-mlx chat` with a picture of another shape than the encoder's, through llava-hf's
-    template and CLIP's resize and crop, greedy: LlavaProcessor and generate's answer."""
-    reference, root = llavas("clip-llama")
+    template and CLIP's resize and crop (SigLIP's squash), greedy: LlavaProcessor and
+    generate's answer."""
+    reference, root = llavas(name)
     path = tmp_path / "picture.png"
     picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 64, 3), np.uint8))
     picture.save(path)
@@ -250,7 +263,7 @@ def test_chat_answers_as_transformers_generate(llavas, tmp_path):
     answer = processor.tokenizer.decode(
         generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
     )
-    assert out == answer + "\n"
+    assert answer and out == answer + "\n"
 
 
 def write_llava_config(folder, **changes) -> None:
