@@ -96,7 +96,8 @@ CASES = {
         layout="saved",
         format="sharded",
     ),
-    # For comparing answers as text: the tokenizer's own vocabulary.
+    # For comparing answers as text: the tokenizer's own vocabulary. A projector without biases,
+    # with another activation.
     "siglip-qwen2-chat": dict(
         tower="siglip",
         decoder="qwen2",
@@ -106,6 +107,7 @@ CASES = {
         strategy="full",
         layout="newer",
         format="safetensors",
+        projector=dict(multimodal_projector_bias=False, projector_hidden_act="gelu_pytorch_tanh"),
     ),
 }
 
@@ -120,6 +122,7 @@ def llava_config(case: dict) -> LlavaConfig:
         image_token_index=IMAGE_TOKEN_ID,
         vision_feature_layer=case["feature_layer"],
         vision_feature_select_strategy=case["strategy"],
+        **case.get("projector", {}),
     )
 
 
