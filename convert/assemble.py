@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mm1_mlx.config import ConnectorConfig, MM1Config, read_json
+from mm1_mlx.config import ConnectorConfig, MM1Config, PreprocessConfig, VisionConfig, read_json
 from mm1_mlx.connectors import build_connector
 from mm1_mlx.convert.connector import convert_connector
 from mm1_mlx.convert.llm import (
@@ -64,35 +65,49 @@ def _check_complete(config: MM1Config, weights: dict[str, mx.array]) -> None:
         raise UserError(f"the parts do not fit together: {' '.join(str(error).split())}") from None
 
 
-def model_weights(
-    vision: dict[str, Any],
-    connector: dict[str, Any],
-    decoder: dict[str, mx.array],
-    cast: mx.Dtype | None,
-) -> dict[str, mx.array]:
-    """The parts' weights under the model folder's names; the decoder's are already cast."""
-    return {
-        **_prefixed("vision", vision, cast),
-        **_prefixed("connector", connector, cast),
-        **_prefixed("decoder", decoder, None),
-    }
+@dataclass
+class ConvertedParts:
+    """A converted model's parts, as every converter ends with them: configs and weights (the
+    decoder's already cast), the tokenizer with its image token, where its files came from."""
+
+    vision_config: VisionConfig
+    preprocess: PreprocessConfig
+    vision_weights: dict[str, Any]
+    connector_config: ConnectorConfig
+    connector_weights: dict[str, Any]
+    text_config: dict[str, Any]
+    decoder_weights: dict[str, mx.array]
+    tokenizer: Any
+    tokenizer_source: Path
+    image_token: str
+    image_token_id: int
 
 
 def write_model_folder(
-    out: Path,
-    config: MM1Config,
-    weights: dict[str, mx.array],
-    tokenizer: Any,
-    tokenizer_source: Path,
-    overwrite: bool,
-) -> None:
-    """Check that the weights fill the model `config` describes, then write the folder
-    atomically (the tokenizer as save_tokenizer does, from `tokenizer_source`)."""
+    out: Path, parts: ConvertedParts, cast: mx.Dtype | None, overwrite: bool
+) -> MM1Config:
+    """The parts as a model folder at `out`: checked to fill the model its config describes,
+    then written atomically (the tokenizer as save_tokenizer does). Returns the config."""
+    config = MM1Config(
+        vision_config=parts.vision_config,
+        connector_config=parts.connector_config,
+        text_config=parts.text_config,
+        preprocess_config=parts.preprocess,
+        image_token=parts.image_token,
+        image_token_id=parts.image_token_id,
+        num_image_tokens=parts.connector_config.tokens_per_image,
+    )
+    weights = {
+        **_prefixed("vision", parts.vision_weights, cast),
+        **_prefixed("connector", parts.connector_weights, cast),
+        **_prefixed("decoder", parts.decoder_weights, None),
+    }
     _check_complete(config, weights)
     with atomic_folder(Path(out), overwrite) as tmp:
         save_weights(tmp, weights)
         write_config(tmp, config)
-        save_tokenizer(tokenizer, tmp, tokenizer_source)
+        save_tokenizer(parts.tokenizer, tmp, parts.tokenizer_source)
+    return config
 
 
 def convert_model(
@@ -151,19 +166,21 @@ def convert_model(
         connector_path = resolve_path(connector, _CONNECTOR_PATTERNS)
         connector_config, connector_weights = convert_connector(connector_path, connector_config)
 
-    config = MM1Config(
+    parts = ConvertedParts(
         vision_config=vision_config,
+        preprocess=preprocess,
+        vision_weights=vision_weights,
         connector_config=connector_config,
+        connector_weights=connector_weights,
         text_config=text_config,
-        preprocess_config=preprocess,
+        decoder_weights=decoder_weights,
+        tokenizer=tokenizer,
+        tokenizer_source=llm_path,
         image_token=image_token,
         image_token_id=image_token_id,
-        num_image_tokens=connector_config.tokens_per_image,
     )
-    weights = model_weights(vision_weights, connector_weights, decoder_weights, cast)
     step("writing")
-    write_model_folder(out, config, weights, tokenizer, llm_path, overwrite)
-    return config
+    return write_model_folder(out, parts, cast, overwrite)
 
 
 def init_model(

@@ -36,7 +36,7 @@ from mm1_mlx.config import (
     VisionConfig,
     read_json,
 )
-from mm1_mlx.convert.assemble import cast_type, model_weights, write_model_folder
+from mm1_mlx.convert.assemble import ConvertedParts, cast_type, write_model_folder
 from mm1_mlx.convert.connector import PREFIX as ABSTRACTOR_PREFIX
 from mm1_mlx.convert.connector import convert_honeybee_weights
 from mm1_mlx.convert.llm import add_image_token, decoder_weights, load_tokenizer, text_config_of
@@ -127,19 +127,21 @@ def convert_honeybee(
         num_tokens=honeybee.num_query_tokens,
     )
     connector_config, connector_weights = convert_honeybee_weights(weights, neighbours, str(folder))
-    config = MM1Config(
+    parts = ConvertedParts(
         vision_config=vision_config,
+        preprocess=preprocess,
+        vision_weights=vision_weights,
         connector_config=connector_config,
+        connector_weights=connector_weights,
         text_config=text_config,
-        preprocess_config=preprocess,
+        decoder_weights=decoder,
+        tokenizer=tokenizer,
+        tokenizer_source=folder,
         image_token=IMAGE_TOKEN,
         image_token_id=image_token_id,
-        num_image_tokens=connector_config.tokens_per_image,
     )
     step("writing")
-    converted = model_weights(vision_weights, connector_weights, decoder, cast)
-    write_model_folder(out, config, converted, tokenizer, folder, overwrite)
-    return config
+    return write_model_folder(out, parts, cast, overwrite)
 
 
 def honeybee_config_path(folder: Path) -> Path:

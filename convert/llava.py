@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from mm1_mlx.config import ConnectorConfig, MM1Config, VisionConfig, read_json
 from mm1_mlx.connectors import build_connector
-from mm1_mlx.convert.assemble import cast_type, model_weights, write_model_folder
+from mm1_mlx.convert.assemble import ConvertedParts, cast_type, write_model_folder
 from mm1_mlx.convert.hf_processor import read_chat_template, read_image_processor
 from mm1_mlx.convert.llm import decoder_weights, load_tokenizer, text_config_of
 from mm1_mlx.convert.torch_reader import open_checkpoint
@@ -121,19 +121,21 @@ def convert_llava(
     step("connector")
     connector_config = projector_config(llava, vision_config, text_config["hidden_size"])
     connector_weights = projector_weights(weights, connector_config, layout.projector, folder)
-    config = MM1Config(
+    parts = ConvertedParts(
         vision_config=vision_config,
+        preprocess=preprocess,
+        vision_weights=vision_weights,
         connector_config=connector_config,
+        connector_weights=connector_weights,
         text_config=text_config,
-        preprocess_config=preprocess,
+        decoder_weights=decoder,
+        tokenizer=tokenizer,
+        tokenizer_source=folder,
         image_token=image_token,
         image_token_id=llava.image_token_id,
-        num_image_tokens=connector_config.tokens_per_image,
     )
     step("writing")
-    weights = model_weights(vision_weights, connector_weights, decoder, cast)
-    write_model_folder(out, config, weights, tokenizer, folder, overwrite)
-    return config
+    return write_model_folder(out, parts, cast, overwrite)
 
 
 def read_llava_config(path: Path) -> LlavaSettings:
