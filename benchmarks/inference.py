@@ -50,7 +50,7 @@ from mm1_mlx.convert.vlm import convert_vlm
 from mm1_mlx.generate import GenerationSettings, generate_tokens
 from mm1_mlx.loading import DEMO_MODEL, save_weights
 from mm1_mlx.model import MM1Model
-from mm1_mlx.processor import PromptInputs
+from mm1_mlx.processor import PromptInputs, foreign_model_type_quiet
 from mm1_mlx.quantize import quantize_model, weights_bytes
 
 
@@ -302,7 +302,8 @@ def write_llava_checkpoint(sizes: Sizes, folder: Path) -> None:
         LlavaProcessor,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    with foreign_model_type_quiet():
+        tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     text = LlamaConfig(**{**text_config(sizes), "vocab_size": max(sizes.vocab, len(tokenizer))})
     vision = CLIPVisionConfig(
         image_size=sizes.image_size,

@@ -17,6 +17,7 @@ from mm1_mlx.config import read_json
 from mm1_mlx.convert.torch_reader import open_checkpoint
 from mm1_mlx.decoder import decoder_classes
 from mm1_mlx.errors import UserError
+from mm1_mlx.processor import foreign_model_type_quiet
 
 _NOISE_KEYS = ("_name_or_path", "id2label", "label2id", "transformers_version")
 
@@ -136,7 +137,8 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        with foreign_model_type_quiet():
+            return AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # transformers raises many kinds for a bad tokenizer folder
         raise UserError(
             f"{folder}: cannot load the tokenizer ({str(error).splitlines()[0]})"

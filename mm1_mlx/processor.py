@@ -14,7 +14,8 @@ transformers' multimodal processors do, e.g. llava-hf's) gets a list of {"type":
 import hashlib
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,20 @@ def fallback_chat(messages: list[dict[str, Any]], add_generation_prompt: bool) -
     return turns + ("Assistant:" if add_generation_prompt else "")
 
 
+@contextmanager
+def foreign_model_type_quiet() -> Iterator[None]:
+    """transformers' warnings off while it reads a tokenizer from a folder whose config.json
+    has a model_type of another library ("mm1", Honeybee's "mllm"), which it warns about."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 class Processor:
     """Prompts with `<image>` markers and their images -> PromptInputs."""
 
@@ -298,15 +313,9 @@ class Processor:
     @classmethod
     def from_folder(cls, folder: Path, config: MM1Config) -> "Processor":
         from mlx_lm.utils import load_tokenizer
-        from transformers.utils import logging
 
-        # transformers warns that config.json's model_type "mm1" is not one of its own.
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
+        with foreign_model_type_quiet():
             return cls(load_tokenizer(Path(folder)), config)
-        finally:
-            logging.set_verbosity(verbosity)
 
     @property
     def image_token(self) -> str:
