@@ -18,8 +18,9 @@ from helpers import init_model_folder, run_cli
 import mm1_mlx
 from mm1_mlx.generate import generate
 from mm1_mlx.train import trainer
+from mm1_mlx.train.data import DataLoader
 from mm1_mlx.train.recipe import load_recipe
-from mm1_mlx.train.trainer import stops_save, train, whole_step
+from mm1_mlx.train.trainer import StepAbandoned, stops_save, train, whole_step
 
 RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 
@@ -71,6 +72,38 @@ def test_ctrl_c_inside_a_step_takes_effect_when_the_step_ends():
             finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_stop_inside_a_step_stops_at_once():
+    with pytest.raises(StepAbandoned):
+        with whole_step():
+            os.kill(os.getpid(), signal.SIGTERM)  # held
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            pytest.fail("the second stop did not end the step")
+
+
+def test_a_run_stuck_in_a_step_stops_on_a_second_signal_and_saves_nothing(workdir, monkeypatch):
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=3", "checkpoint.every=1"])
+    next_batch = DataLoader.next_batch
+    calls = []
+
+    def stuck_at_the_second(loader):
+        calls.append(1)
+        if len(calls) == 1:
+            return next_batch(loader)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: held until the step ends
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # ... which it does not: the second one stops it
+        time.sleep(5)
+        pytest.fail("the second stop did not end the step")
+
+    monkeypatch.setattr(DataLoader, "next_batch", stuck_at_the_second)
+    with pytest.raises(KeyboardInterrupt, match="stopped during a step, which is not saved"):
+        train(recipe)
+    saved = sorted(p.name for p in (Path(recipe.out) / "checkpoints").iterdir())
+    assert saved == ["step-0000001"]
 
 
 def test_sigterm_between_steps_stops_the_run_as_ctrl_c_does():

@@ -34,6 +34,8 @@ from mm1_mlx.train import synth
 from mm1_mlx.train.optim import compiled_update, make_schedule
 from mm1_mlx.train.ranks import init_group, sum_over_ranks
 from mm1_mlx.train.trainer import (
+    ABANDONED,
+    StepAbandoned,
     checkpoint_dirs,
     resume_from,
     save_checkpoint,
@@ -345,6 +347,8 @@ def dense_pretrain(
                     report(step, validate(net, held_out))
                 if step % settings.checkpoint_every == 0:
                     checkpoint()
+    except StepAbandoned:
+        raise KeyboardInterrupt(ABANDONED) from None
     except KeyboardInterrupt:
         if step > start:
             checkpoint()

@@ -188,6 +188,7 @@ def evaluate(model: MM1Model, loader: DataLoader, batches: int, group) -> float:
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; a scheduler, or a closing laptop
+ABANDONED = "stopped during a step, which is not saved; --resume continues from the last checkpoint"
 
 
 @contextmanager
@@ -204,15 +205,27 @@ def stops_save() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class StepAbandoned(KeyboardInterrupt):
+    """A second stop signal during a step: the run stops at once and saves nothing (the step's
+    weights may be half updated); its last checkpoint stands."""
+
+
 @contextmanager
 def whole_step() -> Iterator[None]:
     """A stop signal inside the block takes effect when it ends: the checkpoint written on an
-    interrupt never holds weights a step ahead of its step count and data position."""
+    interrupt never holds weights a step ahead of its step count and data position. A second
+    one stops at once (StepAbandoned), should the step not end."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = {s: signal.signal(s, lambda *_: received.append(True)) for s in STOP_SIGNALS}
+
+    def defer(*_) -> None:
+        if received:
+            raise StepAbandoned
+        received.append(True)
+
+    previous = {s: signal.signal(s, defer) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -603,6 +616,8 @@ def train_steps(
                         saved = step
                 if reporter and run.is_main:
                     reporter(step, values)
+    except StepAbandoned:
+        raise KeyboardInterrupt(ABANDONED) from None
     except KeyboardInterrupt:
         if run.is_main and step > start:
             saving = step > saved  # else the step's checkpoint is on disk already
