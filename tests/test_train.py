@@ -16,6 +16,7 @@ from builders import make_dataset
 from helpers import init_model_folder, run_cli
 
 import mm1_mlx
+from mm1_mlx.errors import UserError
 from mm1_mlx.generate import generate
 from mm1_mlx.train import trainer
 from mm1_mlx.train.data import DataLoader
@@ -104,6 +105,14 @@ def test_a_run_stuck_in_a_step_stops_on_a_second_signal_and_saves_nothing(workdi
         train(recipe)
     saved = sorted(p.name for p in (Path(recipe.out) / "checkpoints").iterdir())
     assert saved == ["step-0000001"]
+
+
+def test_a_batch_that_cannot_fit_the_machine_is_refused_before_any_work(workdir):
+    huge = ["data.batch_size=100000000000"]  # packing its rows would run until memory ends
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", huge, out=workdir / "huge")
+    with pytest.raises(UserError, match=r"logits alone take .* GB .* more than this machine's"):
+        train(recipe)
+    assert not (workdir / "huge").exists()
 
 
 def test_sigterm_between_steps_stops_the_run_as_ctrl_c_does():

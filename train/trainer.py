@@ -631,6 +631,22 @@ def logged(recipe: Recipe, step: int, values: dict) -> bool:
     return step % recipe.log.every == 0 or "val_loss" in values or step == recipe.train.steps
 
 
+def check_memory(recipe: Recipe, model: MM1Model, ranks: int) -> None:
+    """Refuse a batch whose forward pass cannot fit this machine: its logits and their gradient
+    alone (float32, rows x seq_len x vocabulary, twice) are a lower bound of what it takes."""
+    rows, seq_len = recipe.data.batch_size // ranks, recipe.data.seq_len
+    vocab = model.token_embedding.weight.shape[0]
+    needed = 2 * rows * seq_len * vocab * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise UserError(
+            f"data.batch_size {recipe.data.batch_size} x seq_len {seq_len}: a forward pass's "
+            f"logits alone take {needed / 1e9:,.0f} GB ({vocab:,} tokens' vocabulary), more than "
+            f"this machine's {memory / 1e9:,.0f} GB; lower batch_size (train.grad_accumulation "
+            "keeps the tokens per step)"
+        )
+
+
 def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
     """Run the recipe. `reporter(step, metrics)` is called on rank 0 after every step (the
     CLI's progress bar). OUT appears once the run starts (see `discard` for a run that stops
@@ -647,6 +663,7 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         raise UserError("the recipe has no data sources ([[data.sources]])")
 
     model, processor = prepare_model(recipe)
+    check_memory(recipe, model, group.size())
     if is_main:
         print(trainable_summary(model))
     loader = make_loader(recipe, processor, recipe.data.sources, group)
