@@ -1,6 +1,5 @@
 """Assemble a full MM1 model folder from a vision encoder, an LLM and (optionally) a connector."""
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mm1_mlx.config import ConnectorConfig, MM1Config, PreprocessConfig, VisionConfig, read_json
-from mm1_mlx.connectors import build_connector
+from mm1_mlx.connectors import build_connector, is_square
 from mm1_mlx.convert.connector import convert_connector
 from mm1_mlx.convert.llm import (
     add_image_token,
@@ -129,8 +128,7 @@ def convert_model(
     `connector_options` set a fresh connector's ConnectorConfig fields (hidden_dim, depth, ...).
     """
     cast = cast_type(dtype)
-    side = math.isqrt(max(num_image_tokens, 0))
-    if num_image_tokens < 1 or side * side != num_image_tokens:
+    if num_image_tokens < 1 or not is_square(num_image_tokens):
         raise UserError(f"--num-image-tokens must be a square number >= 1, not {num_image_tokens}")
 
     step("vision encoder")

@@ -11,7 +11,6 @@ naming the key.
 """
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mm1_mlx.config import ConnectorConfig
-from mm1_mlx.connectors import build_connector
+from mm1_mlx.connectors import build_connector, is_square
 from mm1_mlx.convert.torch_reader import open_checkpoint
 from mm1_mlx.errors import UserError
 
@@ -78,10 +77,6 @@ def abstractor_state(weights: Mapping[str, Any], source: str) -> tuple[str, dict
     if "pos_emb" in state:
         state["pos_emb"] = without_cls_slot(state["pos_emb"], prefix, source)
     return prefix, state
-
-
-def is_square(n: int) -> bool:
-    return math.isqrt(n) ** 2 == n
 
 
 def without_cls_slot(pos_emb: Any, prefix: str, source: str) -> np.ndarray:

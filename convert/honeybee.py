@@ -21,7 +21,6 @@ template renders its inference prompt (see CHAT_TEMPLATE). Honeybee marks each i
 negative ids in place of a token; the folder gets an `<image>` token like every MM1 folder.
 """
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from mm1_mlx.config import (
     VisionConfig,
     read_json,
 )
+from mm1_mlx.connectors import is_square
 from mm1_mlx.convert.assemble import ConvertedParts, cast_type, write_model_folder
 from mm1_mlx.convert.connector import PREFIX as ABSTRACTOR_PREFIX
 from mm1_mlx.convert.connector import convert_honeybee_weights
@@ -187,10 +187,6 @@ def section(config: Mapping[str, Any], key: str, path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError(f"{path}: {key} is missing or not an object")
     return value
-
-
-def is_square(n: int) -> bool:
-    return math.isqrt(n) ** 2 == n
 
 
 def check_projector(projector: dict[str, Any], path: Path) -> None:

@@ -31,6 +31,10 @@ SE_RATIO = 0.25  # timm RegNet Bottleneck default, which Honeybee keeps
 EOS_TOKEN_TYPES = ("c-abstractor", "avg-pool")  # Honeybee's C-Abstractor and its depth 0
 
 
+def is_square(n: int) -> bool:
+    return n >= 0 and math.isqrt(n) ** 2 == n
+
+
 def grid_side(num_tokens: int) -> int:
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
@@ -299,7 +303,7 @@ def check_mlp(config: ConnectorConfig) -> None:
 def build_connector(config: ConnectorConfig) -> nn.Module:
     if config.model_type == "mlp":
         check_mlp(config)
-    elif math.isqrt(config.num_tokens) ** 2 != config.num_tokens:
+    elif not is_square(config.num_tokens):
         raise UserError(f"connector_config: num_tokens must be a square, not {config.num_tokens}")
     if config.num_eos_tokens < 0:
         raise UserError(
