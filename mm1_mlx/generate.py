@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.model import MM1Model
-from mm1_mlx.processor import ImageInput, Processor, PromptInputs
+from mm1_mlx.processor import ImageInput, Processor, PromptInputs, common_prefix_length
 
 
 @dataclass
@@ -90,13 +90,6 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 longest = max(longest, size)
                 break
     return longest
-
-
-def _common_prefix(a: Sequence, b: Sequence) -> int:
-    length = 0
-    while length < min(len(a), len(b)) and a[length] == b[length]:
-        length += 1
-    return length
 
 
 def _image_tiles_before(
@@ -275,10 +268,11 @@ class PromptCache:
     def reuse(self, inputs: PromptInputs) -> int:
         """Trim the cache to the prefix it shares with `inputs`; returns its length."""
         ids = inputs.input_ids
-        shared = min(_common_prefix(self.ids, ids), len(ids) - 1)  # leave one token to prefill
+        # Leave at least one token to prefill: its logits give the first answer token.
+        shared = min(common_prefix_length(self.ids, ids), len(ids) - 1)
         image_token, per_tile = self.model.image_token_id, self.model.config.num_image_tokens
         tiles, shared = _image_tiles_before(ids, shared, image_token, per_tile)
-        same_tiles = _common_prefix(self.tile_keys, inputs.tile_keys)
+        same_tiles = common_prefix_length(self.tile_keys, inputs.tile_keys)
         if same_tiles < tiles:  # a different picture: the prefix ends before its tokens
             positions = [i for i, token in enumerate(ids) if token == image_token]
             shared = positions[same_tiles * per_tile]

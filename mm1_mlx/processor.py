@@ -279,6 +279,12 @@ def _check_marker_count(markers: int, images: int, image_token: str) -> None:
         raise UserError(f"the prompt has {markers} {image_token} markers but {images} images")
 
 
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items two token (or tile key) sequences share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def fallback_chat(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
     """The chat format for tokenizers without a chat template: a line "Role: content" per
     message (role capitalised), then "Assistant:" when asking for an answer."""

@@ -22,7 +22,7 @@ example's first token (it would be predicted from an unrelated example's end).
 import collections
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -31,7 +31,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from mm1_mlx.errors import UserError
-from mm1_mlx.processor import Processor, load_image, num_tiles, read_image_size
+from mm1_mlx.processor import (
+    Processor,
+    common_prefix_length,
+    load_image,
+    num_tiles,
+    read_image_size,
+)
 from mm1_mlx.splitting import Grid
 
 LOSS_WEIGHTINGS = ("token", "example", "turn")
@@ -177,12 +183,6 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Processor], Rendered]] = {
 }
 
 
-def common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of a and b."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
 def tokens_and_loss(
     processor: Processor, rendered: Rendered, grids: list[Grid]
 ) -> tuple[list[int], list[bool]]:
@@ -197,9 +197,9 @@ def tokens_and_loss(
 
     tokens = list(ids(rendered.prefixes[-1][0]))
     trained = [False] * len(tokens)
-    start = common_length(ids(""), tokens)  # past a BOS the tokenizer adds
+    start = common_prefix_length(ids(""), tokens)  # past a BOS the tokenizer adds
     for text, loss in rendered.prefixes:
-        end = common_length(ids(text), tokens)
+        end = common_prefix_length(ids(text), tokens)
         for i in range(start, end):
             trained[i] = loss
         start = end
