@@ -22,7 +22,7 @@ def check_output(path: Path) -> None:
 
 
 def draw_boxes(image: Image.Image, answer: str) -> tuple[Image.Image, int]:
-    """A copy of `image` with every `[x1, y1, x2, y2]` of `answer` (0-1000 grid) drawn and
+    """A copy of `image` with every `[x1, y1, x2, y2]` of `answer` (0-1000 coordinates) drawn and
     numbered when there are several; and how many were drawn."""
     boxes = parse_boxes(answer, image.size)
     out = image.convert("RGB")

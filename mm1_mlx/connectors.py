@@ -75,7 +75,7 @@ def append_eos_tokens(tokens: mx.array, eos_tokens: mx.array | None) -> mx.array
     return mx.concatenate([tokens, extra.astype(tokens.dtype)], axis=1)
 
 
-def to_grid(tokens: mx.array) -> mx.array:
+def to_feature_map(tokens: mx.array) -> mx.array:
     """[B, N, C] row-major patch tokens -> [B, h, w, C] (NHWC)."""
     batch, num_tokens, channels = tokens.shape
     side = grid_side(num_tokens)
@@ -239,7 +239,7 @@ class CAbstractor(nn.Module):
         self.eos_tokens = init_eos_tokens(config)
 
     def __call__(self, features: mx.array) -> mx.array:
-        x = apply_layers(self.net, to_grid(add_pos_emb(features, self.pos_emb)))
+        x = apply_layers(self.net, to_feature_map(add_pos_emb(features, self.pos_emb)))
         x = apply_layers(self.readout, x.reshape(x.shape[0], -1, x.shape[-1]))
         return append_eos_tokens(x, self.eos_tokens)
 
@@ -256,7 +256,7 @@ class AvgPoolConnector(nn.Module):
         self.eos_tokens = init_eos_tokens(config)
 
     def __call__(self, features: mx.array) -> mx.array:
-        x = adaptive_avg_pool(to_grid(add_pos_emb(features, self.pos_emb)), self.size)
+        x = adaptive_avg_pool(to_feature_map(add_pos_emb(features, self.pos_emb)), self.size)
         x = apply_layers(self.readout, x.reshape(x.shape[0], -1, x.shape[-1]))
         return append_eos_tokens(x, self.eos_tokens)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mm1_mlx.boxes import GRID, Box, Size, parse_boxes
+from mm1_mlx.boxes import COORDINATE_MAX, ParsedBox, Size, parse_boxes
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import generate
 from mm1_mlx.model import MM1Model
@@ -93,14 +93,14 @@ class EvalReport:
 # -- scoring --------------------------------------------------------------------------------
 
 
-def whole_box(text: str, image_size: Size) -> Box | None:
+def whole_box(text: str, image_size: Size) -> ParsedBox | None:
     """The box `text` is, once trimmed; None when it is anything else."""
     text = text.strip()
     boxes = parse_boxes(text, image_size)
     return boxes[0] if len(boxes) == 1 and boxes[0].span == (0, len(text)) else None
 
 
-def iou(a: Box, b: Box) -> float:
+def iou(a: ParsedBox, b: ParsedBox) -> float:
     width = min(a.x2, b.x2) - max(a.x1, b.x1)
     height = min(a.y2, b.y2) - max(a.y1, b.y1)
     overlap = max(0.0, width) * max(0.0, height)
@@ -193,8 +193,10 @@ def evaluate(
             )
         except UserError as error:  # e.g. image markers that do not match the images
             raise UserError(f"{example.origin}: {error}") from None
-        # Boxes are about the first image; without one they stay on the grid.
-        size = read_image_size(example.images[0]) if example.images else (GRID, GRID)
+        # Boxes are about the first image; without one they stay in 0-1000 coordinates.
+        size = (COORDINATE_MAX, COORDINATE_MAX)
+        if example.images:
+            size = read_image_size(example.images[0])
         report.results.append(
             Result(example, prediction, is_correct(prediction, example.answer, size))
         )

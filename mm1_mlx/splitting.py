@@ -18,11 +18,11 @@ encoded as without splitting, one block, no markers.
 
 from typing import Any
 
+from mm1_mlx.boxes import PixelBox
 from mm1_mlx.errors import UserError
 
 Size = tuple[int, int]  # (width, height)
 Grid = tuple[int, int]  # (rows, columns)
-Box = tuple[int, int, int, int]  # (left, top, right, bottom), PIL's crop box
 
 OVERVIEW_MARKER = "(overview)"
 
@@ -75,7 +75,7 @@ def fit_size(size: Size, box: Size) -> Size:
     return width, height
 
 
-def fitted_box(size: Size, canvas: Size) -> Box:
+def fitted_box(size: Size, canvas: Size) -> PixelBox:
     """Where an image of `size` lies once fitted into `canvas`, centred (the rest is padding)."""
     inner = fit_size(size, canvas)
     left, top = (canvas[0] - inner[0]) // 2, (canvas[1] - inner[1]) // 2
@@ -98,7 +98,7 @@ def select_grid(size: Size, tile: int, n_min: int, n_max: int) -> Grid:
     return min(candidate_grids(n_min, n_max), key=lambda grid: grid_preference(size, grid, tile))
 
 
-def tile_boxes(grid: Grid, tile: int) -> list[Box]:
+def tile_boxes(grid: Grid, tile: int) -> list[PixelBox]:
     """The tiles' crop boxes in the grid's canvas, row-major."""
     return [
         (column * tile, row * tile, (column + 1) * tile, (row + 1) * tile)

@@ -1,7 +1,7 @@
 """Box texts and what a parser must find in them: the same table checks `mm1_mlx.boxes` and the
 web page's parser (apps/static/app.js), so the terminal and the page draw the same boxes.
 
-Each case: (text, [(x1, y1, x2, y2 on the 0-1000 grid, clamped and ordered), (start, end))]).
+Each case: (text, [(x1, y1, x2, y2 in 0-1000 coordinates, clamped and ordered), (start, end))]).
 """
 
 CASES = [

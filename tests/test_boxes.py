@@ -1,4 +1,4 @@
-"""Boxes and points in MM1.5 / Ferret-UI's text form: [x1, y1, x2, y2] on a 0-1000 grid."""
+"""Boxes and points in MM1.5 / Ferret-UI's text form: [x1, y1, x2, y2] in 0-1000 coordinates."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from mm1_mlx.boxes import format_box, format_point, parse_boxes, parse_points
 
 @pytest.mark.parametrize("text, expected", CASES, ids=[repr(text[:24]) for text, _ in CASES])
 def test_parse_boxes_finds_the_table_s_boxes(text, expected):
-    # On a 1000x1000 image a pixel is a grid step: the parsed values are the grid values.
+    # On a 1000x1000 image a pixel is a coordinate step: parsed pixels are the coordinates.
     found = [((b.x1, b.y1, b.x2, b.y2), b.span) for b in parse_boxes(text, (1000, 1000))]
     assert found == expected
 

@@ -12,7 +12,7 @@ from mm1_mlx.errors import UserError
 from mm1_mlx.evaluate import evaluate, iou, is_correct, load_examples
 from mm1_mlx.train import synth
 
-GRID_SIZE = (1000, 1000)  # pixels == grid values, so IoUs are exact
+COORDINATE_SIZE = (1000, 1000)  # pixels == coordinates, so IoUs are exact
 
 
 # -- scoring --------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def test_text_answers_match_after_trimming_and_lower_casing(prediction, correct)
 
 def test_box_iou():
     a, b, c = (
-        parse_boxes(text, GRID_SIZE)[0]
+        parse_boxes(text, COORDINATE_SIZE)[0]
         for text in ("[0, 0, 10, 10]", "[5, 0, 15, 10]", "[50, 50, 60, 60]")
     )
     assert iou(a, a) == 1
@@ -61,7 +61,7 @@ def test_box_iou():
     ],
 )
 def test_box_answers_count_by_iou(prediction, correct):
-    assert is_correct(prediction, "[0, 0, 400, 1000]", GRID_SIZE) is correct
+    assert is_correct(prediction, "[0, 0, 400, 1000]", COORDINATE_SIZE) is correct
 
 
 def test_box_answers_on_a_real_image_size():

@@ -16,10 +16,9 @@ from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mm1_mlx.boxes import format_box
+from mm1_mlx.boxes import PixelBox, format_box
 from mm1_mlx.errors import UserError
 
-Box = tuple[int, int, int, int]  # pixel edges x1, y1, x2, y2: a box covers columns x1..x2-1
 RGB = tuple[int, int, int]
 
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
@@ -39,7 +38,7 @@ CENTRE_SPREAD = 6  # sampler's choice: box centres this far apart in x, so left-
 
 TITLES = ("Settings", "Messages", "Profile", "Photos", "Music", "Weather", "Notes", "Calendar")
 LABELS = ("OK", "Cancel", "Send", "Back", "Next", "Save", "Delete", "Share", "Search", "Login")
-TITLE_BAR: Box = (0, 0, 160, 40)
+TITLE_BAR: PixelBox = (0, 0, 160, 40)
 TITLE_BAR_FILL: RGB = (230, 230, 230)
 BUTTON_STYLES: dict[str, tuple[RGB, RGB]] = {  # name -> (fill, text)
     "blue": ((40, 80, 220), WHITE),
@@ -96,7 +95,7 @@ WORLD_FACTS = (
 class Shape:
     kind: str
     color: str
-    box: Box
+    box: PixelBox
 
     @property
     def phrase(self) -> str:
@@ -115,7 +114,7 @@ class ShapeScene:
 class Button:
     label: str
     style: str  # a key of BUTTON_STYLES
-    box: Box
+    box: PixelBox
 
 
 @dataclass(frozen=True)
@@ -135,23 +134,23 @@ class QA:
     answer: str
 
 
-def gap(a: Box, b: Box) -> int:
+def gap(a: PixelBox, b: PixelBox) -> int:
     """Empty pixels between two boxes along the axis that separates them most (< 0: overlap)."""
     return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
 
 
-def centre(box: Box) -> tuple[float, float]:
+def centre(box: PixelBox) -> tuple[float, float]:
     return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
 def place_boxes(
     count: int,
-    propose: Callable[[list[Box]], Box],
-    accept: Callable[[Box, list[Box]], bool],
-) -> list[Box] | None:
+    propose: Callable[[list[PixelBox]], PixelBox],
+    accept: Callable[[PixelBox, list[PixelBox]], bool],
+) -> list[PixelBox] | None:
     """`count` boxes by rejection: a proposal is kept if `accept`ed next to the boxes so far;
     None when one finds no place (the caller starts the scene over)."""
-    boxes: list[Box] = []
+    boxes: list[PixelBox] = []
     for _ in range(count):
         for _ in range(ATTEMPTS):
             box = propose(boxes)
@@ -166,12 +165,12 @@ def place_boxes(
 def sample_shape_scene(rng: random.Random) -> ShapeScene:
     width, height = ShapeScene.size
 
-    def propose(boxes: list[Box]) -> Box:
+    def propose(boxes: list[PixelBox]) -> PixelBox:
         side = rng.randint(*SHAPE_SIDE)
         x, y = rng.randint(0, width - side), rng.randint(0, height - side)
         return x, y, x + side, y + side
 
-    def accept(box: Box, boxes: list[Box]) -> bool:
+    def accept(box: PixelBox, boxes: list[PixelBox]) -> bool:
         return all(
             gap(box, other) >= SHAPE_GAP and abs(centre(box)[0] - centre(other)[0]) >= CENTRE_SPREAD
             for other in boxes
@@ -185,7 +184,7 @@ def sample_shape_scene(rng: random.Random) -> ShapeScene:
             return ShapeScene(tuple(Shape(k, c, b) for (k, c), b in zip(looks, boxes, strict=True)))
 
 
-def span_beside(row: Box, width: int, rng: random.Random) -> tuple[int, int] | None:
+def span_beside(row: PixelBox, width: int, rng: random.Random) -> tuple[int, int] | None:
     """x1, x2 of a button left or right of `row`, BUTTON_GAP away; None without room."""
     free = [(0, row[0] - BUTTON_GAP), (row[2] + BUTTON_GAP, width)]
     free = [(start, end) for start, end in free if end - start >= BUTTON_WIDTH[0]]
@@ -201,7 +200,7 @@ def sample_screen_scene(rng: random.Random) -> ScreenScene:
     width, height = ScreenScene.size
     top = TITLE_BAR[3]
 
-    def propose(boxes: list[Box]) -> Box:
+    def propose(boxes: list[PixelBox]) -> PixelBox:
         h = rng.randint(*BUTTON_HEIGHT)
         # Often beside an earlier button, top edges equal: rows make "ties left to right" occur.
         row = rng.choice(boxes) if boxes and rng.random() < JOIN_ROW else None
@@ -214,7 +213,7 @@ def sample_screen_scene(rng: random.Random) -> ScreenScene:
             x2 = x1 + w
         return x1, y, x2, y + h
 
-    def accept(box: Box, boxes: list[Box]) -> bool:
+    def accept(box: PixelBox, boxes: list[PixelBox]) -> bool:
         return box[3] <= height and all(
             gap(box, other) >= BUTTON_GAP
             and (box[1] == other[1] or abs(box[1] - other[1]) >= ROW_SPREAD)
@@ -286,7 +285,7 @@ def draw_scene(scene: Scene, scale: int, jitter: Callable[[], tuple[int, int]]) 
     return image
 
 
-def pixel_rect(box: Box, scale: int, shift: tuple[int, int]) -> Box:
+def pixel_rect(box: PixelBox, scale: int, shift: tuple[int, int]) -> PixelBox:
     """A box's edges -> Pillow's inclusive pixel rectangle, scaled and shifted."""
     dx, dy = shift
     x1, y1, x2, y2 = (value * scale for value in box)
@@ -305,7 +304,12 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, scale: int, shift: tuple
 
 
 def draw_label(
-    draw: ImageDraw.ImageDraw, text: str, box: Box, fill: RGB, scale: int, shift: tuple[int, int]
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    box: PixelBox,
+    fill: RGB,
+    scale: int,
+    shift: tuple[int, int],
 ) -> None:
     """`text` centred in `box` in Pillow's default font (16 px, times `scale`)."""
     x, y = centre(box)
@@ -347,7 +351,7 @@ def describe(scene: ShapeScene) -> str:
     return join_phrases([shape.phrase for shape in left_to_right(scene)])
 
 
-def where(box: Box, scene: Scene) -> str:
+def where(box: PixelBox, scene: Scene) -> str:
     return format_box(box, scene.size)
 
 
@@ -374,7 +378,9 @@ def screen_questions(scene: ScreenScene) -> list[QA]:
     return qas + grounding(scene, named, "button", "What does the button at {box} say?")
 
 
-def grounding(scene: Scene, named: list[tuple[str, Box, str]], noun: str, refer: str) -> list[QA]:
+def grounding(
+    scene: Scene, named: list[tuple[str, PixelBox, str]], noun: str, refer: str
+) -> list[QA]:
     """Per (name, box, answer): "Where is the {name}?" -> its box (task ground_{noun}), and
     `refer` with its box filled in -> the answer (task refer_{noun})."""
     qas = []
@@ -551,11 +557,11 @@ def scene_from_record(record: dict[str, Any]) -> Scene:
     raise UserError(f"not a scene record: type {record.get('type')!r}")
 
 
-def inside(x: float, y: float, box: Box) -> bool:
+def inside(x: float, y: float, box: PixelBox) -> bool:
     return box[0] <= x < box[2] and box[1] <= y < box[3]
 
 
-def thing_at(scene: Scene, x: float, y: float) -> tuple[str, Box] | None:
+def thing_at(scene: Scene, x: float, y: float) -> tuple[str, PixelBox] | None:
     """What lies at pixel (x, y), as (name, box): "red circle", "title Settings", "button Send";
     None on the background. Used as per-patch labels by dense pre-training (train/dense.py)."""
     if isinstance(scene, ShapeScene):

@@ -1,7 +1,7 @@
 """Train a small byte-level BPE tokenizer on JSONL data, for models trained from scratch.
 
 Every integer 0..1000 (with and without a leading space) is one token, so a box
-`[x1, y1, x2, y2]` on MM1.5's 0-1000 grid is one token per coordinate: the model learns 1001
+`[x1, y1, x2, y2]` in MM1.5's 0-1000 coordinates is one token per coordinate: the model learns 1001
 coordinate values instead of digit sequences. Byte-level fallback keeps any text encodable.
 """
 
