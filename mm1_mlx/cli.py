@@ -145,7 +145,7 @@ def convert(
         raise typer.BadParameter(
             "both are needed (or --vlm for a whole checkpoint)", param_hint="'--vision' / '--llm'"
         )
-    check_writable(out, force)
+    check_writable(out, force, inputs=[p for p in (vlm, vision, llm, connector) if p])
 
     with conversion_progress() as step:
         if vlm is not None:
@@ -223,7 +223,7 @@ def init(
     from mm1_mlx.convert.assemble import init_model
     from mm1_mlx.loading import check_writable
 
-    check_writable(out, force)
+    check_writable(out, force, inputs=[config, tokenizer])
     made = init_model(config, tokenizer, out, seed, force, smooth_numbers)
     typer.echo(
         f"wrote {out}: image token id {made.image_token_id}, vocab {made.text_config['vocab_size']}"
@@ -247,7 +247,7 @@ def quantize(
     from mm1_mlx.loading import check_writable
     from mm1_mlx.quantize import quantize_folder
 
-    check_writable(out, force)
+    check_writable(out, force, inputs=[model])
     console = Console(stderr=True)
     with console.status(f"quantizing to {bits} bits, group size {group_size}"):
         quality = quantize_folder(model, out, bits, group_size, vision, force, report)

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -148,14 +148,25 @@ def load_processor(folder: Path, config: MM1Config):
         raise UserError(f"{folder}: cannot load the tokenizer ({reason})") from None
 
 
-def check_writable(out: Path, overwrite: bool = False) -> None:
+def check_writable(out: Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
     """Refuse an output folder that exists (an empty folder aside) unless it may be replaced,
-    or that cannot be created: checked again by `atomic_folder`, and first by long jobs,
-    before their work."""
+    or that cannot be created, or that is or holds one of the command's `inputs` (replacing it
+    would delete them): checked again by `atomic_folder`, and first by long jobs, before their
+    work."""
     out = Path(out)
+    check_not_over_inputs(out, inputs)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists (pass --force to replace it)")
     _check_creatable(out)
+
+
+def check_not_over_inputs(out: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output that is, or is a folder holding, one of the local `inputs`."""
+    where = Path(out).resolve()
+    for source in inputs:
+        path = Path(source).resolve()
+        if Path(source).exists() and (path == where or where in path.parents):
+            raise UserError(f"{out}: holds the input {source}; write the output elsewhere")
 
 
 def check_file_writable(path: Path) -> None:

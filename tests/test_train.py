@@ -115,6 +115,16 @@ def test_a_batch_that_cannot_fit_the_machine_is_refused_before_any_work(workdir)
     assert not (workdir / "huge").exists()
 
 
+@pytest.mark.parametrize("out", ["model", "data", "."])
+def test_an_output_folder_holding_the_model_or_data_is_refused(workdir, out):
+    before = weights(workdir / "model", "")
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", out=workdir / out)
+    with pytest.raises(UserError, match="holds the input"):
+        train(recipe)
+    after = weights(workdir / "model", "")
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
 def test_sigterm_between_steps_stops_the_run_as_ctrl_c_does():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):

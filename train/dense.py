@@ -279,7 +279,7 @@ def dense_pretrain(
     to `out` (atomically). Checkpoints go to `partial_folder(out)` every `checkpoint_every`
     steps and on Ctrl-C; `resume` continues from the last one exactly. Returns the held-out
     metrics at the end."""
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, inputs=[model_path, *scene_files])
     partial = partial_folder(out)
     checkpoints = checkpoint_dirs(partial)
     if checkpoints and not resume:

@@ -26,7 +26,14 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mm1_mlx.errors import UserError
-from mm1_mlx.loading import copy_tokenizer_files, load, resolve_path, save_weights, write_config
+from mm1_mlx.loading import (
+    check_not_over_inputs,
+    copy_tokenizer_files,
+    load,
+    resolve_path,
+    save_weights,
+    write_config,
+)
 from mm1_mlx.model import MM1Model
 from mm1_mlx.quantize import quantize_model
 from mm1_mlx.train.coordinates import CoordinateSmoothing, token_texts
@@ -655,6 +662,8 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
     is_main = group.rank() == 0
     out = Path(recipe.out)
     check_out(out, resume)
+    sources = [*recipe.data.sources, *recipe.data.validation]
+    check_not_over_inputs(out, [recipe.model, *(source.path for source in sources)])
     if recipe.data.batch_size % group.size():
         raise UserError(
             f"data.batch_size {recipe.data.batch_size} is not divisible by {group.size()} ranks"
