@@ -125,6 +125,28 @@ def test_an_output_folder_holding_the_model_or_data_is_refused(workdir, out):
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
 
+def test_a_loss_that_is_not_finite_stops_the_run(workdir):
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", ["optimizer.lr=1e30"], out=workdir / "o")
+    with pytest.raises(UserError, match=r"step \d+: the loss is nan; the run stops"):
+        train(recipe)
+    assert not (workdir / "o" / "model.safetensors").exists()
+
+
+def test_a_recipe_that_trains_nothing_is_refused(workdir):
+    frozen = [f"modules.{name}.trainable=false" for name in ("vision", "connector", "decoder")]
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", frozen, out=workdir / "o")
+    with pytest.raises(UserError, match="nothing to train"):
+        train(recipe)
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(workdir):
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=4"], out=workdir / "o")
+    train(recipe)
+    fewer = load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=2"], out=workdir / "o")
+    with pytest.raises(UserError, match="checkpoint is at step 4, past train.steps 2"):
+        train(fewer, resume=True)
+
+
 def test_sigterm_between_steps_stops_the_run_as_ctrl_c_does():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):

@@ -12,7 +12,6 @@ The tiles come from the model's own processor (MM1.5 splitting included), so eac
 maps back to the image: tile pixel -> canvas -> image pixel (`cell_centres`).
 """
 
-import json
 import random
 import shutil
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 from mm1_mlx import splitting
 from mm1_mlx.errors import UserError
+from mm1_mlx.jsonl import parse_object
 from mm1_mlx.loading import check_writable, load, resolve_path, save_model
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
@@ -36,6 +36,7 @@ from mm1_mlx.train.ranks import init_group, sum_over_ranks
 from mm1_mlx.train.trainer import (
     ABANDONED,
     StepAbandoned,
+    check_finite,
     checkpoint_dirs,
     resume_from,
     save_checkpoint,
@@ -121,13 +122,13 @@ def read_scenes(paths: list[Path]) -> list[SceneImage]:
     for path in paths:
         if not path.is_file():
             raise UserError(f"{path}: no such scenes file")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
             try:
-                record = json.loads(line)
+                record = parse_object(line)
                 scenes.append(
                     SceneImage(path.parent / record["image"], synth.scene_from_record(record))
                 )
-            except (json.JSONDecodeError, KeyError, TypeError, UserError) as error:
+            except (ValueError, KeyError, TypeError, UserError) as error:  # BadLine: ValueError
                 raise UserError(f"{path}:{number}: not a scene record ({error})") from None
     return scenes
 
@@ -334,6 +335,7 @@ def dense_pretrain(
                     loss, grads = sum_over_ranks((loss, grads), group)
                     update(grads)
                     mx.eval(loss, net.parameters(), optimizer.state)
+                    check_finite(loss.item(), step + 1)
                     step += 1
                 if is_main and (step % settings.log_every == 0 or step == settings.steps):
                     now = time.perf_counter()

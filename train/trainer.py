@@ -8,6 +8,7 @@ resuming reproduces the uninterrupted run step for step.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -613,6 +614,7 @@ def train_steps(
                         run.loader.next_batch() for _ in range(recipe.train.grad_accumulation)
                     ]
                     loss, grad_norm = train_step(batches)
+                    check_finite(loss, step + 1)
                     step += 1
                     data_state = run.loader.state_dict()
                     values = run.record(step, loss, grad_norm, time.perf_counter() - began)
@@ -632,6 +634,15 @@ def train_steps(
             raise KeyboardInterrupt(f"interrupted at step {step}; saved {folder}") from None
         raise
     return step
+
+
+def check_finite(loss: float, step: int) -> None:
+    """A loss that is not finite ends the run: every later step would be NaN too."""
+    if not math.isfinite(loss):
+        raise UserError(
+            f"step {step}: the loss is {loss}; the run stops (its last checkpoint stands): "
+            "lower optimizer.lr, or look at the data and the checkpoint it started from"
+        )
 
 
 def logged(recipe: Recipe, step: int, values: dict) -> bool:
@@ -672,6 +683,8 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         raise UserError("the recipe has no data sources ([[data.sources]])")
 
     model, processor = prepare_model(recipe)
+    if not tree_flatten(model.trainable_parameters()):
+        raise UserError("nothing to train: every module is frozen ([modules.*] trainable = false)")
     check_memory(recipe, model, group.size())
     if is_main:
         print(trainable_summary(model))
@@ -695,6 +708,11 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
     run = Run(recipe, out, model, processor, optimizer, schedule, loader, group)
     setup = run_setup(recipe)
     start = resume_from(out, model, optimizer, loader, setup, is_main) if resume else 0
+    if start > recipe.train.steps:
+        raise UserError(
+            f"{out}: its checkpoint is at step {start}, past train.steps {recipe.train.steps}; "
+            "raise train.steps to continue the run"
+        )
 
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     if is_main:
