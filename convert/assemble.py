@@ -10,6 +10,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mm1_mlx.config import ConnectorConfig, MM1Config, PreprocessConfig, VisionConfig, read_json
+from mm1_mlx.config_checks import check_config
 from mm1_mlx.connectors import build_connector, is_square
 from mm1_mlx.convert.connector import convert_connector
 from mm1_mlx.convert.llm import (
@@ -196,7 +197,9 @@ def init_model(
     and gets the image token; the decoder's vocabulary is sized to fit the tokenizer.
     `smooth_numbers`: see `smooth_number_embeddings`.
     """
-    config = MM1Config.from_dict(read_json(config_path))
+    values = read_json(config_path)
+    check_config(values, config_path, complete=False)
+    config = MM1Config.from_dict(values)
     tokenizer_path = resolve_path(tokenizer)
     loaded_tokenizer = load_tokenizer(tokenizer_path)
     # Room for every token and the image token, which may still have to be added.

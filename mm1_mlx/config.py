@@ -14,6 +14,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # tiles (MM1.5 trains with 4..9, infers with up to 4..16), only in prompts with fewer than
 # max_images images.
 SPLITTING_DEFAULTS = {"enabled": False, "n_min": 4, "n_max": 9, "max_images": 3}
+RESIZE_MODES = ("squash", "pad", "crop")  # PreprocessConfig.resize_mode
 
 
 def read_json(path: Path) -> dict[str, Any]:

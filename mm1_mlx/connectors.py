@@ -28,6 +28,7 @@ from mm1_mlx.vision import ACTIVATIONS
 # (LayerNorm2d's own default would be 1e-6).
 LAYER_NORM_EPS = 1e-5
 SE_RATIO = 0.25  # timm RegNet Bottleneck default, which Honeybee keeps
+CONNECTOR_TYPES = ("c-abstractor", "avg-pool", "attn-pool", "mlp")  # ConnectorConfig.model_type
 EOS_TOKEN_TYPES = ("c-abstractor", "avg-pool")  # Honeybee's C-Abstractor and its depth 0
 
 
@@ -325,6 +326,5 @@ def build_connector(config: ConnectorConfig) -> nn.Module:
     if config.model_type == "mlp":
         return MLPConnector(config)
     raise UserError(
-        f"connector_config: unknown model_type '{config.model_type}' "
-        "(c-abstractor, avg-pool, attn-pool or mlp)"
+        f"connector_config: unknown model_type '{config.model_type}' ({', '.join(CONNECTOR_TYPES)})"
     )

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mm1_mlx.config import MM1Config, read_json
+from mm1_mlx.config_checks import check_config
 from mm1_mlx.errors import UserError
 from mm1_mlx.model import MM1Model
 
@@ -66,13 +67,18 @@ def read_config(folder: Path) -> MM1Config:
     if values.get("model_type") != "mm1":
         found = values.get("model_type")
         raise UserError(f"{config_path}: model_type is {found!r}, not 'mm1' (convert it first)")
+    check_config(values, config_path)
     return MM1Config.from_dict(values)
 
 
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name for name in weight_map.values()
+        ):
+            raise UserError(f"{index}: weight_map must be an object of weight name -> file name")
         return [folder / name for name in sorted(set(weight_map.values()))]
     single = folder / "model.safetensors"
     if single.is_file():

@@ -1,0 +1,169 @@
+"""Checks of an MM1 config.json as read, before any model is built or weights loaded: every
+value's type and domain (a bool is no integer, "48" is no 48, sizes are >= 1, numbers finite,
+names from the code's own choices), then what ties values together (an image takes as many
+decoder positions as the connector makes; the image token is in the decoder's vocabulary).
+A bad value is a one-line UserError naming the file and the key, e.g.
+`model/config.json: vision_config.patch_size must be an integer >= 1, not 0`."""
+
+from pathlib import Path
+from typing import Any
+
+from mm1_mlx.config import RESIZE_MODES, SPLITTING_DEFAULTS
+from mm1_mlx.connectors import CONNECTOR_TYPES
+from mm1_mlx.errors import UserError
+from mm1_mlx.processor import RESAMPLE
+from mm1_mlx.rules import FLAG, TEXT, Rule, choice, integer, is_integer, list_of, number, optional
+from mm1_mlx.vision import ACTIVATIONS
+
+SIZE = integer(1)
+POSITIVE = number(0, open_low=True)
+ACTIVATION = choice(tuple(ACTIVATIONS))
+FEATURE_LAYER = Rule(
+    "an integer or a non-empty list of integers",
+    lambda value: (
+        is_integer(value)
+        or (isinstance(value, list) and bool(value) and all(map(is_integer, value)))
+    ),
+)
+
+VISION = {
+    "model_type": TEXT,
+    "image_size": SIZE,
+    "patch_size": SIZE,
+    "position_grid": optional(SIZE),
+    "width": SIZE,
+    "layers": SIZE,
+    "heads": SIZE,
+    "mlp_dim": SIZE,
+    "act": ACTIVATION,
+    "class_token": FLAG,
+    "pre_norm": FLAG,
+    "patch_bias": FLAG,
+    "layer_norm_eps": POSITIVE,
+    "feature_layer": FEATURE_LAYER,
+    "feature_post_norm": FLAG,
+    "keep_class_token": FLAG,
+}
+CONNECTOR = {
+    "model_type": choice(CONNECTOR_TYPES),
+    "input_dim": SIZE,
+    "output_dim": SIZE,
+    "num_input_tokens": SIZE,
+    "num_tokens": SIZE,
+    "hidden_dim": SIZE,
+    "depth": integer(0),
+    "mlp_depth": SIZE,
+    "pos_emb": FLAG,
+    "num_eos_tokens": integer(0),
+    "heads": SIZE,
+    "act": ACTIVATION,
+    "bias": FLAG,
+}
+PREPROCESS = {
+    "image_size": SIZE,
+    "mean": list_of(3, number()),
+    "std": list_of(3, POSITIVE),
+    "resize_mode": choice(RESIZE_MODES),
+    "shortest_edge": optional(SIZE),
+    "interpolation": choice(tuple(RESAMPLE)),
+    "rescale_factor": POSITIVE,
+}
+SPLITTING = {"enabled": FLAG, "n_min": SIZE, "n_max": SIZE, "max_images": integer(0)}
+# text_config holds mlx-lm's arguments, which differ between decoders: the common ones are
+# checked where given.
+TEXT_CONFIG = {
+    "model_type": TEXT,
+    "vocab_size": SIZE,
+    "hidden_size": SIZE,
+    "num_hidden_layers": SIZE,
+    "intermediate_size": SIZE,
+    "num_attention_heads": SIZE,
+    "num_key_value_heads": SIZE,
+    "max_position_embeddings": SIZE,
+    "rms_norm_eps": POSITIVE,
+    "rope_theta": POSITIVE,
+    "tie_word_embeddings": FLAG,
+}
+QUANTIZATION = {"bits": Rule("an integer in 1..8", lambda v: is_integer(v) and 1 <= v <= 8)}
+QUANTIZATION |= {"group_size": SIZE, "mode": TEXT}
+TOP = {"image_token": TEXT, "image_token_id": integer(0), "num_image_tokens": SIZE}
+
+
+def check_config(values: dict[str, Any], path: str | Path, complete: bool = True) -> None:
+    """Refuse a config.json (`values`, read from `path`) with a value outside its domain.
+    `complete`: a model folder's; False for `mm1-mlx init`'s input, whose image_token_id,
+    vocab_size and connector num_tokens init works out itself."""
+
+    def fail(key: str, allowed: str, value: Any) -> None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise UserError(f"{path}: {key} must be {allowed}, not {shown}")
+
+    def table(key: str, rules: dict[str, Rule], required: tuple[str, ...] = ()) -> dict:
+        """values[key] (nested keys joined by dots), an object whose given keys follow `rules`."""
+        found: Any = values
+        for part in key.split("."):
+            found = found.get(part) or {}  # missing or null: the defaults
+        if not isinstance(found, dict):
+            fail(key, "an object", found)
+        for name in required:
+            if name not in found:
+                raise UserError(f"{path}: {key}.{name} is missing")
+        for name, rule in rules.items():
+            if name in found and not rule.test(found[name]):
+                fail(f"{key}.{name}", rule.allowed, found[name])
+        return found
+
+    vision = table("vision_config", VISION)
+    connector = table("connector_config", CONNECTOR)
+    preprocess = table("preprocess_config", PREPROCESS)
+    splitting = table("preprocess_config.splitting", SPLITTING)
+    text = table("text_config", TEXT_CONFIG, ("model_type", "vocab_size") if complete else ())
+    for name, rule in TOP.items():
+        if name in values and not rule.test(values[name]):
+            fail(name, rule.allowed, values[name])
+    if values.get("quantization") is not None:
+        table("quantization", QUANTIZATION, ("bits", "group_size"))
+
+    unknown = sorted(set(splitting) - set(SPLITTING_DEFAULTS))
+    if unknown:
+        raise UserError(
+            f"{path}: preprocess_config.splitting has an unknown key '{unknown[0]}' "
+            f"(known: {', '.join(SPLITTING_DEFAULTS)})"
+        )
+    n_min = splitting.get("n_min", SPLITTING_DEFAULTS["n_min"])
+    n_max = splitting.get("n_max", SPLITTING_DEFAULTS["n_max"])
+    if n_min > n_max:
+        fail("preprocess_config.splitting.n_max", f"an integer >= n_min ({n_min})", n_max)
+
+    image_size = vision.get("image_size", 378)
+    patch_size = vision.get("patch_size", 14)
+    if patch_size > image_size:
+        fail("vision_config.patch_size", f"at most image_size ({image_size})", patch_size)
+    width, heads = vision.get("width", 1280), vision.get("heads", 16)
+    if width % heads:
+        fail("vision_config.heads", f"a divisor of width ({width})", heads)
+    layers = vision.get("layers", 32)
+    feature_layer = vision.get("feature_layer", -1)
+    for layer in feature_layer if isinstance(feature_layer, list) else [feature_layer]:
+        if not -(layers + 1) <= layer <= layers:
+            allowed = f"within -{layers + 1}..{layers} (hidden states of {layers} layers)"
+            fail("vision_config.feature_layer", allowed, feature_layer)
+    if preprocess.get("resize_mode") == "crop":
+        edge = preprocess.get("shortest_edge")
+        size = preprocess.get("image_size", 378)
+        if edge is None or edge < size:
+            allowed = f"an integer >= preprocess_config.image_size ({size}) for resize_mode 'crop'"
+            fail("preprocess_config.shortest_edge", allowed, edge)
+
+    if not complete:
+        return
+    per_image = connector.get("num_tokens", 144) + connector.get("num_eos_tokens", 0)
+    num_image_tokens = values.get("num_image_tokens", 144)
+    if num_image_tokens != per_image:
+        allowed = f"the connector's tokens per image ({per_image}: num_tokens + num_eos_tokens)"
+        fail("num_image_tokens", allowed, num_image_tokens)
+    vocab_size = text["vocab_size"]
+    image_token_id = values.get("image_token_id", 0)
+    if image_token_id >= vocab_size:
+        allowed = f"an integer in 0..{vocab_size - 1} (text_config.vocab_size is {vocab_size})"
+        fail("image_token_id", allowed, image_token_id)

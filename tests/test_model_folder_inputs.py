@@ -1,0 +1,109 @@
+"""A model folder's config.json (and weight index) with a value outside its domain: a one-line
+error naming the file and the key, from mm1_mlx.load and the CLI, before any weights load."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+import mm1_mlx
+from mm1_mlx.errors import UserError
+
+
+def set_key(key: str, value):
+    """An edit of config.json: `key` (dotted) set to `value`."""
+
+    def edit(config: dict) -> None:
+        *parents, last = key.split(".")
+        for part in parents:
+            config = config[part]
+        config[last] = value
+
+    return edit
+
+
+CASES = [
+    # (edit of config.json, what the one-line message must contain)
+    (set_key("vision_config", "clip"), "vision_config must be an object"),
+    (set_key("vision_config.act", "swish"), "vision_config.act must be one of"),
+    (set_key("vision_config.patch_size", 0), "vision_config.patch_size must be an integer >= 1"),
+    (set_key("vision_config.patch_size", 64), "vision_config.patch_size must be at most"),
+    (set_key("vision_config.image_size", -48), "vision_config.image_size must be an integer"),
+    (set_key("vision_config.image_size", "48"), "vision_config.image_size must be an integer"),
+    (set_key("vision_config.class_token", 1), "vision_config.class_token must be true or false"),
+    (set_key("vision_config.layer_norm_eps", 0), "vision_config.layer_norm_eps must be"),
+    (set_key("vision_config.feature_layer", 99), "vision_config.feature_layer must be within"),
+    (set_key("connector_config.model_type", "qformer"), "connector_config.model_type must be"),
+    (set_key("connector_config.num_tokens", True), "connector_config.num_tokens must be"),
+    (set_key("text_config", [1, 2]), "text_config must be an object"),
+    (set_key("text_config.vocab_size", "336"), "text_config.vocab_size must be an integer"),
+    (set_key("image_token", 5), "image_token must be a non-empty string"),
+    (set_key("num_image_tokens", 9), "num_image_tokens must be the connector's tokens per image"),
+    (set_key("quantization", "4bit"), "quantization must be an object"),
+    (set_key("quantization", {"bits": 4}), "quantization.group_size is missing"),
+    (set_key("preprocess_config.splitting", "yes"), "preprocess_config.splitting must be"),
+    (set_key("preprocess_config.splitting", {"n_min": 3, "n_max": 2}), "splitting.n_max must be"),
+    (set_key("preprocess_config.splitting", {"enable": True}), "unknown key 'enable'"),
+    (set_key("preprocess_config.mean", [0.5]), "preprocess_config.mean must be a list of 3"),
+    (set_key("preprocess_config.std", [0, 0, 0]), "preprocess_config.std must be a list of 3"),
+    (set_key("preprocess_config.std", [0.5, 0.5, 1e999]), "preprocess_config.std must be"),
+    (set_key("preprocess_config.resize_mode", "fit"), "preprocess_config.resize_mode must be"),
+    (set_key("preprocess_config.interpolation", "cubic"), "preprocess_config.interpolation"),
+    (set_key("image_token_id", "335"), "image_token_id must be an integer >= 0"),
+    (set_key("image_token_id", -1), "image_token_id must be an integer >= 0"),
+    (set_key("image_token_id", 336), "image_token_id must be an integer in 0..335"),
+]
+
+
+@pytest.fixture
+def edited_folder(tiny_model_dir, tmp_path):
+    """A copy of the tiny model whose config.json an `edit` changes."""
+
+    def make(edit) -> str:
+        folder = tmp_path / "model"
+        shutil.copytree(tiny_model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    return make
+
+
+def assert_refused(folder: str, expected: str, file: str = "config.json") -> None:
+    with pytest.raises(UserError) as raised:
+        mm1_mlx.load(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}/{file}: ") and expected in message, message
+    assert "\n" not in message
+
+    code, out, err = run_cli("chat", "--model", folder, "hi")
+    lines = err.strip().splitlines()
+    assert code != 0 and "Traceback" not in err + out, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+@pytest.mark.parametrize("edit, expected", CASES)
+def test_bad_config_value(edited_folder, edit, expected):
+    assert_refused(edited_folder(edit), expected)
+
+
+def test_weight_map_not_an_object(edited_folder):
+    folder = edited_folder(lambda config: None)
+    index = {"metadata": {}, "weight_map": ["model.safetensors"]}
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_refused(folder, "weight_map must be an object", "model.safetensors.index.json")
+
+
+def test_init_checks_its_config(tiny_model_dir, tmp_path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["vision_config"]["patch_size"] = 0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = run_cli("init", str(path), "--tokenizer", str(tiny_model_dir), "--out", str(out))
+    assert code != 0 and "Traceback" not in err, err
+    assert err.strip() == f"error: {path}: vision_config.patch_size must be an integer >= 1, not 0"
+    assert not out.exists()
