@@ -18,16 +18,15 @@ one-line UserError naming its key, e.g. `optimizer.lr`, and what is allowed.
 """
 
 import dataclasses
-import math
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from mm1_mlx.rules import FLAG, TEXT, Rule, choice, integer, number
 from mm1_mlx.train.data import LOSS_WEIGHTINGS, RENDERERS, SourceConfig
 from mm1_mlx.train.optim import DECAYS, MODULES, OPTIMIZERS, ModuleSettings
 
@@ -110,55 +109,6 @@ class Recipe:
 # -- what each value may be ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Rule:
-    """What a recipe value must be; `allowed` says it in the error message."""
-
-    allowed: str
-    test: Callable[[Any], bool]
-    convert: Callable[[Any], Any] = lambda value: value
-
-
-def is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # TOML's true is no 1
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def integer(low: int) -> Rule:
-    return Rule(f"an integer >= {low}", lambda value: is_integer(value) and value >= low)
-
-
-def number(
-    low: float = -math.inf, high: float = math.inf, open_low: bool = False, open_high: bool = False
-) -> Rule:
-    """A finite number between `low` and `high` (excluded where open), as a float."""
-
-    def test(value: Any) -> bool:
-        if not is_number(value):
-            return False
-        above = low < value if open_low else low <= value
-        return above and (value < high if open_high else value <= high)
-
-    if high < math.inf:
-        bounds = f" in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-    elif low > -math.inf:
-        bounds = f" {'>' if open_low else '>='} {low:g}"
-    else:
-        bounds = ""
-    return Rule(f"a finite number{bounds}", test, float)
-
-
-def choice(options: tuple) -> Rule:
-    # The type must match too: true is not 1, and "4" is not 4.
-    return Rule(
-        f"one of {', '.join(map(str, options))}",
-        lambda value: type(value) is type(options[0]) and value in options,
-    )
-
-
 def or_mm1(rule: Rule) -> Rule:
     """A number, or "mm1": MM1's rule for it."""
     return Rule(
@@ -168,8 +118,6 @@ def or_mm1(rule: Rule) -> Rule:
     )
 
 
-FLAG = Rule("true or false", lambda value: isinstance(value, bool))
-TEXT = Rule("a non-empty string", lambda value: isinstance(value, str) and bool(value))
 UNIT = number(0, 1, open_high=True)
 BETAS = Rule(
     f"a list of 2 numbers, each {UNIT.allowed}",
@@ -182,7 +130,7 @@ NON_NEGATIVE = number(0)
 RULES: dict[tuple[type, str], Rule] = {
     (Recipe, "model"): TEXT,
     (Recipe, "out"): TEXT,
-    (Recipe, "seed"): integer(0),
+    (Recipe, "seed"): integer(0, 2**64 - 1),  # MLX's random seed is 64 bits
     (DataSettings, "seq_len"): integer(2),  # inputs and targets are the row shifted by one
     (DataSettings, "batch_size"): integer(1),
     (DataSettings, "max_images_per_sequence"): integer(0),
@@ -334,6 +282,8 @@ def load_recipe(path: Path, overrides: list[str] = (), out: Path | None = None) 
         raise UserError(f"{path}: no such recipe") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise UserError(f"{path}: not a valid TOML recipe ({error})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a valid TOML recipe (nested too deeply)") from None
     for override in overrides:
         apply_override(values, override)
     if out is not None:
