@@ -69,6 +69,8 @@ def _read_lines(console: Console) -> Iterator[str]:
         import readline  # noqa: F401  (line editing and up-arrow history where available)
     except ImportError:
         pass
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8: refused per line, later
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             yield console.input("[bold green]> [/]")

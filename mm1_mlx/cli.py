@@ -463,7 +463,7 @@ def data_synth(
 def data_tokenizer(
     files: Annotated[list[Path], typer.Argument(help="JSONL data files (any of the formats).")],
     out: Annotated[Path, typer.Option(help="Output tokenizer folder.")],
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary size.")] = 4096,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size (at most 1,000,000).")] = 4096,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer for a model trained from scratch (one token per

@@ -6,7 +6,6 @@ equals the truth after trimming and lower-casing; when the truth is a box, when 
 (nothing else) whose IoU with the truth is at least 0.5.
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from mm1_mlx.boxes import COORDINATE_MAX, ParsedBox, Size, parse_boxes
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import generate
+from mm1_mlx.jsonl import BadLine, parse_object
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import Processor, read_image_size
 
@@ -125,7 +125,7 @@ def load_examples(path: Path, limit: int | None = None) -> list[EvalExample]:
     if not path.is_file():
         raise UserError(f"{path}: no such eval file")
     examples = []
-    with path.open() as file:
+    with path.open("rb") as file:
         for number, line in enumerate(file, 1):
             if limit is not None and len(examples) >= limit:
                 break
@@ -136,13 +136,11 @@ def load_examples(path: Path, limit: int | None = None) -> list[EvalExample]:
     return examples
 
 
-def parse_example(line: str, folder: Path, origin: str) -> EvalExample:
+def parse_example(line: bytes | str, folder: Path, origin: str) -> EvalExample:
     try:
-        record = json.loads(line)
-    except ValueError as error:
-        raise UserError(f"{origin}: not JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{origin}: not a JSON object")
+        record = parse_object(line)
+    except BadLine as error:
+        raise UserError(f"{origin}: {error}") from None
     task, answer = record.get("task"), record.get("answer")
     images, messages = record.get("images", []), record.get("messages")
     if not isinstance(task, str) or not task or not isinstance(answer, str):

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mm1_mlx.errors import UserError
+from mm1_mlx.jsonl import BadLine, check_text
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import ImageInput, Processor, PromptInputs, common_prefix_length
 
@@ -40,6 +41,14 @@ class GenerationSettings:
         # never stop.
         if self.max_tokens < 1:
             raise UserError(f"max_tokens must be at least 1, not {self.max_tokens}")
+
+    def check_for(self, model: MM1Model) -> None:
+        """What depends on the model: mlx-lm's top-k needs k below the vocabulary."""
+        vocab = model.config.text_config.get("vocab_size")
+        if self.top_k and isinstance(vocab, int) and self.top_k >= vocab:
+            raise UserError(
+                f"--top-k {self.top_k} must be below the model's vocabulary of {vocab} tokens"
+            )
 
 
 @dataclass
@@ -105,6 +114,15 @@ def _image_tiles_before(
     return count // per_tile, position - partial
 
 
+def valid_text(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot take: lone surrogates, which is how Python reads
+    bytes that are not UTF-8 in arguments and on stdin."""
+    try:
+        check_text(text, what)
+    except BadLine as error:
+        raise UserError(str(error)) from None
+
+
 def with_image_markers(text: str, num_images: int, marker: str) -> str:
     """Text that places its images with markers, or gets them first, one per line."""
     if num_images and marker not in text:
@@ -122,6 +140,7 @@ def generate_tokens(
     image_cache: ImageFeatureCache | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream the answer to `inputs`, whose first `reuse` tokens are already in `cache`."""
+    settings.check_for(model)
     start = time.perf_counter()
     if settings.seed is not None:
         mx.random.seed(settings.seed)
@@ -297,6 +316,9 @@ class ChatSession:
     image_cache: ImageFeatureCache = field(default_factory=ImageFeatureCache)
 
     def __post_init__(self):
+        self.settings.check_for(self.model)
+        if self.system is not None:
+            valid_text(self.system, "the system prompt")
         self.reset()
 
     def reset(self) -> None:
@@ -308,6 +330,7 @@ class ChatSession:
     def ask(self, text: str, images: Sequence[ImageInput] = ()) -> Iterator[GenerationChunk]:
         """Stream the answer to a user turn; `<image>` markers place the images, else they go
         first."""
+        valid_text(text, "the prompt")
         text = with_image_markers(text, len(images), self.processor.config.image_token)
         messages = [*self.messages, {"role": "user", "content": text}]
         inputs = self.processor.apply_chat_template(messages, [*self.images, *images])

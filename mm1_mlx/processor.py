@@ -117,7 +117,11 @@ def _open_image_file(image: Any, name: str) -> Image.Image:
     """Image.open on a path or bytes: reads the header only."""
     if isinstance(image, (str, Path)):
         source = Path(image)
-        if not source.is_file():
+        try:
+            exists = source.is_file()
+        except OSError as error:  # a name too long for the file system, say
+            raise UserError(f"{name}: cannot be read ({error.strerror})") from None
+        if not exists:
             raise UserError(f"{name}: no such image file")
         empty = source.stat().st_size == 0
     elif isinstance(image, (bytes, bytearray)):

@@ -118,6 +118,34 @@ CASES = [
     ("dense-pretrain: learning rate 0", [*DENSE, "--lr", "0"], "--lr"),
     ("dense-pretrain: negative seed", [*DENSE, "--seed", "-1"], "--seed"),
     ("unknown option", [*CHAT, "--temperature", "1", "hi"], "--temperature"),
+    ("chat: prompt not UTF-8", [*CHAT, "caf\udce9"], "the prompt is not valid text"),
+    ("chat: system prompt not UTF-8", [*CHAT, "--system", "\udcff", "hi"], "system prompt"),
+    ("chat: top-k past the vocabulary", [*CHAT, "--top-k", "1000000", "--temp", "1", "hi"],
+     "--top-k"),
+    ("eval: lone surrogate", ["eval", "--model", "{model}", "--data", "{surrogate}"],
+     "surrogate.jsonl:1: a string is not valid text"),
+    ("eval: byte not UTF-8", ["eval", "--model", "{model}", "--data", "{not_utf8}"],
+     "not_utf8.jsonl:1: not UTF-8 text"),
+    ("eval: nested 100k deep", ["eval", "--model", "{model}", "--data", "{deep_jsonl}"],
+     "nested too deeply"),
+    ("eval: image name too long", ["eval", "--model", "{model}", "--data", "{long_name}"],
+     "File name too long"),
+    ("tokenizer: lone surrogate", ["data", "tokenizer", "{surrogate}", "--out", "{out}"],
+     "not valid text"),
+    ("tokenizer: byte not UTF-8", ["data", "tokenizer", "{not_utf8}", "--out", "{out}"],
+     "not UTF-8 text"),
+    ("tokenizer: an image", ["data", "tokenizer", "{image}", "--out", "{out}"], "not UTF-8 text"),
+    ("tokenizer: nested 100k deep", ["data", "tokenizer", "{deep_jsonl}", "--out", "{out}"],
+     "nested too deeply"),
+    ("tokenizer: empty file", ["data", "tokenizer", "{empty}", "--out", "{out}"],
+     "no text to learn from"),
+    ("tokenizer: vocabulary too large", ["data", "tokenizer", "{jsonl}", "--out", "{out}",
+                                         "--vocab-size", "100000000000"], "at most 1,000,000"),
+    ("dense-pretrain: scenes not UTF-8", ["data", "dense-pretrain", "{model}", "--scenes",
+                                          "{not_utf8}", "--out", "{out}"], "not UTF-8 text"),
+    ("dense-pretrain: scenes nested 100k deep", ["data", "dense-pretrain", "{model}", "--scenes",
+                                                 "{deep_jsonl}", "--out", "{out}"], "too deeply"),
+    ("train: recipe nested 50k deep", ["train", "{deep_toml}"], "nested too deeply"),
 ]  # fmt: skip
 
 
@@ -135,6 +163,13 @@ def inputs(tiny_model_dir, tmp_path_factory):
     (root / "data.jsonl").write_text(json.dumps({"text": "a red circle"}) + "\n")
     (root / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
     (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (root / "deep.toml").write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    (root / "empty.jsonl").write_text("")
+    (root / "surrogate.jsonl").write_text(json.dumps({**example, "answer": "\ud800"}) + "\n")
+    (root / "not_utf8.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    long_name = {**example, "images": ["a" * 5000 + ".png"]}
+    (root / "long_name.jsonl").write_text(json.dumps(long_name) + "\n")
     no_tokenizer = root / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -152,6 +187,13 @@ def inputs(tiny_model_dir, tmp_path_factory):
         "bad_jsonl": root / "bad.jsonl",
         "no_tokenizer": no_tokenizer,
         "deep_json": root / "deep.json",
+        "deep_jsonl": root / "deep.jsonl",
+        "deep_toml": root / "deep.toml",
+        "empty": root / "empty.jsonl",
+        "surrogate": root / "surrogate.jsonl",
+        "not_utf8": root / "not_utf8.jsonl",
+        "long_name": root / "long_name.jsonl",
+        "image": root / "image.png",
     }
 
 

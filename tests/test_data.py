@@ -382,12 +382,15 @@ def bad_caption(case: str, folder) -> tuple[str | dict, str, str]:
         "missing_image": ({"image": "gone.png", "text": "red"}, "missing image", "gone.png"),
         "not_an_image": ({"image": "notes.txt", "text": "red"}, "corrupt image", "not an image"),
         "too_long": ({"image": good, "text": "red " * 80}, "too long", "tokens, over"),
+        "lone_surrogate": ({"image": good, "text": "red \ud800"}, "unparsable line", "not valid"),
+        "nested_deep": ("[" * 100_000 + "]" * 100_000, "unparsable line", "nested too deeply"),
+        "long_name": ({"image": "a" * 5000 + ".png", "text": "red"}, "missing image", "too long"),
     }[case]
 
 
 BAD_CASES = [
     "unparsable", "not_an_object", "no_text", "two_markers", "missing_image", "not_an_image",
-    "too_long",
+    "too_long", "lone_surrogate", "nested_deep", "long_name",
 ]  # fmt: skip
 
 
@@ -400,10 +403,9 @@ def test_bad_examples_are_skipped_counted_and_summed_up(processor, tmp_path):
     reasons = [reason for _, reason, _ in bad]
     assert dataloader.skipped == {reason: reasons.count(reason) for reason in reasons}
     summary = dataloader.skipped_summary()
-    assert (
-        summary.startswith("skipped 7 examples: 2 unparsable line (first: ") and "\n" not in summary
-    )
-    assert f"1 missing image (first: {path}:6: " in summary and "gone.png" in summary
+    assert summary.startswith("skipped 10 examples: 4 unparsable line (first: ")
+    assert "\n" not in summary
+    assert f"2 missing image (first: {path}:6: " in summary and "gone.png" in summary
     for _ in range(3):  # more epochs meet the same bad lines: they are not counted again
         dataloader.next_batch()
     assert dataloader.skipped == {reason: reasons.count(reason) for reason in reasons}
@@ -449,6 +451,15 @@ def test_an_image_corrupt_past_its_header_trains_nothing(processor, tmp_path, st
     resumed.load_state_dict(state)
     resumed.next_batch()
     assert resumed.skipped == {"corrupt image": 1}
+
+
+def test_a_line_that_is_not_utf8_is_skipped(processor, tmp_path):
+    path = tmp_path / "captions.jsonl"
+    path.write_bytes(b'{"image": "%s", "text": "caf\xe9"}\n' % png(tmp_path, "a.png").encode())
+    with pytest.raises(UserError, match="captions.jsonl:1: not UTF-8 text"):
+        loader(processor, str(path), "caption", strict=True).next_batch()
+    with pytest.raises(UserError, match="not one usable example.*1 unparsable line"):
+        loader(processor, str(path), "caption").next_batch()
 
 
 def test_a_file_without_one_usable_example_is_an_error(processor, tmp_path):

@@ -21,7 +21,6 @@ example's first token (it would be predicted from an unrelated example's end).
 
 import collections
 import itertools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -31,6 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from mm1_mlx.errors import UserError
+from mm1_mlx.jsonl import BadLine, parse_object
 from mm1_mlx.processor import (
     Processor,
     common_prefix_length,
@@ -207,7 +207,11 @@ def tokens_and_loss(
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError as error:  # a name too long for the file system, say
+        raise Skip("missing image", f"{path}: {error.strerror}") from None
+    if not exists:
         raise Skip("missing image", f"{path}: no such image file")
     try:
         return read_image_size(path)
@@ -429,11 +433,9 @@ class DataLoader:
     def lay_out(self, position: LinePosition, raw: bytes) -> Example:
         """A JSONL line -> an Example, or Skip."""
         try:
-            record = json.loads(raw)
-        except ValueError as error:
-            raise Skip("unparsable line", f"not JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise Skip("unparsable line", "not a JSON object")
+            record = parse_object(raw)
+        except BadLine as error:
+            raise Skip("unparsable line", str(error)) from None
         source = self.sources[position.source]
         try:
             rendered = RENDERERS[source.format](record, self.processor)

@@ -5,7 +5,6 @@ Every integer 0..1000 (with and without a leading space) is one token, so a box
 coordinate values instead of digit sequences. Byte-level fallback keeps any text encodable.
 """
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from mm1_mlx.errors import UserError
+from mm1_mlx.jsonl import BadLine, parse_object
 from mm1_mlx.loading import atomic_folder, check_writable
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -31,6 +31,7 @@ NUMBERS = [str(n) for n in range(1001)]
 # Every byte, the special tokens, and each number alone and after a space as one token (the
 # ten digits are bytes already): no smaller vocabulary can hold them all.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 2 * len(NUMBERS) - 10
+MAX_VOCAB_SIZE = 1_000_000  # far past any real BPE vocabulary (the trainer aborts on huge ones)
 
 
 def texts_of(record: dict) -> Iterator[str]:
@@ -51,24 +52,26 @@ def texts_of(record: dict) -> Iterator[str]:
 
 
 def corpus(files: list[Path]) -> Iterator[str]:
+    texts = 0
     for file in files:
-        with open(file) as lines:
+        with open(file, "rb") as lines:
             for number, line in enumerate(lines, 1):
                 if line.strip():
-                    yield from texts_of(read_record(line, f"{file}:{number}"))
+                    for text in texts_of(read_record(line, f"{file}:{number}")):
+                        texts += 1
+                        yield text
+    if texts == 0:
+        raise UserError(f"no text to learn from in {', '.join(map(str, files))}")
     # Numbers alone and after a space (how they follow "[" and ", " in boxes).
     for _ in range(2):
         yield " ".join(NUMBERS) + " " + ",".join(NUMBERS)
 
 
-def read_record(line: str, origin: str) -> dict:
+def read_record(line: bytes | str, origin: str) -> dict:
     try:
-        record = json.loads(line)
-    except ValueError as error:
-        raise UserError(f"{origin}: not JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{origin}: not a JSON object")
-    return record
+        return parse_object(line)
+    except BadLine as error:
+        raise UserError(f"{origin}: {error}") from None
 
 
 def check_inputs(files: list[Path], out: Path, vocab_size: int, overwrite: bool) -> None:
@@ -81,6 +84,8 @@ def check_inputs(files: list[Path], out: Path, vocab_size: int, overwrite: bool)
             f"--vocab-size {vocab_size} is too small: at least {MIN_VOCAB_SIZE} "
             "(every byte, the special tokens, and 0..1000 as single tokens)"
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"--vocab-size {vocab_size} is too large: at most {MAX_VOCAB_SIZE:,}")
     check_writable(out, overwrite)
 
 
