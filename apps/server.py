@@ -53,7 +53,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mm1_mlx.errors import UserError
-from mm1_mlx.generate import GenerationChunk, GenerationSettings, ImageFeatureCache, PromptCache
+from mm1_mlx.generate import (
+    GenerationChunk,
+    GenerationSettings,
+    ImageFeatureCache,
+    PromptCache,
+    model_context,
+)
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import Processor, PromptInputs, load_image, read_image_size
 
@@ -730,11 +736,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     served: Served = app.state.served
     served.generator.close()
     served.parser.shutdown(wait=False, cancel_futures=True)
-
-
-def model_context(model: MM1Model) -> int | None:
-    """The positions the model's decoder was made for (None where its config does not say)."""
-    return model.config.text_config.get("max_position_embeddings")
 
 
 def create_app(

@@ -136,6 +136,8 @@ def save_tokenizer(tokenizer, folder: Path, source: Path) -> None:
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: not a folder (a tokenizer is a folder of its files)")
     try:
         with foreign_model_type_quiet():
             return AutoTokenizer.from_pretrained(str(folder))

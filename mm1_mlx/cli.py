@@ -1,6 +1,7 @@
 """The `mm1-mlx` command line."""
 
 import math
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -551,7 +552,9 @@ def eval_(
 
 def main() -> None:
     """Console entry point: user errors are one line on stderr and exit code 1, bad flags one
-    line and exit code 2 (Typer would draw a usage box)."""
+    line and exit code 2 (Typer would draw a usage box). SIGTERM stops a command as Ctrl-C
+    does, so what it was writing is cleaned up (a scheduler's or a timeout's stop)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code = app(standalone_mode=False)
     except UserError as error:

@@ -130,6 +130,21 @@ def with_image_markers(text: str, num_images: int, marker: str) -> str:
     return text
 
 
+def model_context(model: MM1Model) -> int | None:
+    """The positions the model's decoder was made for (None where its config does not say)."""
+    return model.config.text_config.get("max_position_embeddings")
+
+
+def check_context(model: MM1Model, prompt_tokens: int) -> None:
+    """A prompt must leave the model's context room for at least one token of answer."""
+    context = model_context(model)
+    if context is not None and prompt_tokens >= context:
+        raise UserError(
+            f"the prompt is {prompt_tokens:,} tokens (its text and images); this model's context "
+            f"holds {context:,}, and the answer needs at least one"
+        )
+
+
 def generate_tokens(
     model: MM1Model,
     processor: Processor,
@@ -141,6 +156,7 @@ def generate_tokens(
 ) -> Iterator[GenerationChunk]:
     """Stream the answer to `inputs`, whose first `reuse` tokens are already in `cache`."""
     settings.check_for(model)
+    check_context(model, len(inputs.input_ids))
     start = time.perf_counter()
     if settings.seed is not None:
         mx.random.seed(settings.seed)

@@ -42,7 +42,7 @@ def resolve_path(path_or_repo: str | Path, allow_patterns: list[str] | None = No
     except Exception as error:  # the hub raises many types; all mean "not available here"
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
-            f"{text}: not a local path, and the hub download failed: {reason}"
+            f"{text}: no such local file or folder, and the hub download failed: {reason}"
         ) from None
 
 

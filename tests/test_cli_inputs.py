@@ -3,7 +3,11 @@ the flag, a non-zero exit, no traceback, and nothing written. One table row per 
 
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +122,10 @@ CASES = [
     ("dense-pretrain: learning rate 0", [*DENSE, "--lr", "0"], "--lr"),
     ("dense-pretrain: negative seed", [*DENSE, "--seed", "-1"], "--seed"),
     ("unknown option", [*CHAT, "--temperature", "1", "hi"], "--temperature"),
+    ("chat: prompt over the context", [*CHAT, "one two three four " * 200],
+     "this model's context holds"),
+    ("init: tokenizer a file", ["init", "{model}/config.json", "--tokenizer", "{file}", "--out",
+                                "{out}"], "not a folder"),
     ("chat: prompt not UTF-8", [*CHAT, "caf\udce9"], "the prompt is not valid text"),
     ("chat: system prompt not UTF-8", [*CHAT, "--system", "\udcff", "hi"], "system prompt"),
     ("chat: top-k past the vocabulary", [*CHAT, "--top-k", "1000000", "--temp", "1", "hi"],
@@ -228,6 +236,19 @@ def test_app_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
         code, _, err = run_cli("app", "--model", str(tmp_path / "none"), "--port", str(port))
     assert code != 0
     assert err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
+
+
+def test_sigterm_stops_a_command_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "synth"
+    command = [sys.executable, "-m", "mm1_mlx", "data", "synth", "--n", "100000", "--out", str(out)]
+    writing = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".synth.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until it writes
+    writing.send_signal(signal.SIGTERM)  # a scheduler's, or timeout's, stop
+    _, err = writing.communicate(timeout=60)
+    assert writing.returncode != 0 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_folder_leaves_nothing_behind(tmp_path):
