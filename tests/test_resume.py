@@ -89,6 +89,26 @@ def offset_as_text(state: dict) -> str:
     return json.dumps(state)
 
 
+def offset_past_the_file(state: dict) -> str:
+    state["data"]["sources"][0]["offset"] = 10**9
+    return json.dumps(state)
+
+
+def offset_inside_a_line(state: dict) -> str:
+    state["data"]["sources"][0]["offset"] += 3
+    return json.dumps(state)
+
+
+def checkpoints_as_a_file(run: Path) -> None:
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("not a folder")
+
+
+def metrics_as_a_folder(run: Path) -> None:
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+
+
 def tear_metrics(run: Path) -> None:
     with (run / "metrics.jsonl").open("a") as file:
         file.write('{"step": 7, "loss": 1.2')  # a kill -9 in the middle of a write
@@ -109,7 +129,11 @@ DAMAGES = {  # damage -> (what the warning says as the resume falls back to step
     "data as a list": (state_with(data=[]), NOT_STATE),
     "setup as text": (state_with(setup="adamw"), NOT_STATE),
     "data position of the wrong kind": (state_json(offset_as_text), "state.json holds a damaged"),
+    "data position past the file": (state_json(offset_past_the_file), "state.json holds a damaged"),
+    "data position inside a line": (state_json(offset_inside_a_line), "state.json holds a damaged"),
     "torn last metrics line": (tear_metrics, None),
+    "checkpoints a file": (checkpoints_as_a_file, "error: not a folder; a run keeps its"),
+    "metrics a folder": (metrics_as_a_folder, "error: a folder; a run appends its metrics"),
     "every checkpoint cut short": (cut(f"{NEWEST}/{TRAINABLE}", f"{OLDER}/{TRAINABLE}"),
                                    "error: no readable checkpoint to resume from"),
 }  # fmt: skip

@@ -267,8 +267,21 @@ class SourceReader:
         # Resolved: a checkpoint may name the file relative to the working directory.
         if Path(state["path"]).resolve() != self.path.resolve():
             raise UserError(f"the data state is for {state['path']}, not {self.path}")
+        counts = state["line_number"], state["epoch"], state["used_in_epoch"]
+        if not self.starts_a_line(state["offset"]) or min(counts) < 0:
+            raise ValueError(f"{self.path}: the data state's position is not one of the file's")
         self.offset, self.line_number = state["offset"], state["line_number"]
         self.epoch, self.used_in_epoch = state["epoch"], state["used_in_epoch"]
+
+    def starts_a_line(self, offset: int) -> bool:
+        """Whether `offset` is where one of the file's lines starts (or its end)."""
+        if not 0 <= offset <= self.path.stat().st_size:
+            return False
+        if offset == 0:
+            return True
+        with self.path.open("rb") as file:
+            file.seek(offset - 1)
+            return file.read(1) == b"\n"
 
 
 # -- packing --------------------------------------------------------------------------------

@@ -524,6 +524,10 @@ def check_out(out: Path, resume: bool) -> None:
         raise UserError(f"{out}: cannot be the output folder ({existing} is not a writable folder)")
     if not resume and (checkpoint_dirs(out) or (out / METRICS).exists()):
         raise UserError(f"{out}: holds a training run already (--resume continues it)")
+    if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
+        raise UserError(f"{out / CHECKPOINTS}: not a folder; a run keeps its checkpoints there")
+    if (out / METRICS).is_dir():
+        raise UserError(f"{out / METRICS}: a folder; a run appends its metrics to this file")
 
 
 def run_setup(recipe: Recipe) -> dict:
@@ -533,13 +537,15 @@ def run_setup(recipe: Recipe) -> dict:
     return {"optimizer": recipe.optimizer.name, "lora": lora}
 
 
-def discard(out: Path, created: Path | None) -> None:
+def discard(out: Path, created: Path | None, had_metrics: bool) -> None:
     """A run stopped before its first checkpoint has nothing to resume: what it wrote goes (the
-    folders it made, else its metrics), so that the same command can simply run again."""
+    folders it made, else its metrics unless they were there before), so that the same command
+    can simply run again."""
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return
-    (out / METRICS).unlink(missing_ok=True)
+    if not had_metrics:
+        (out / METRICS).unlink(missing_ok=True)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
@@ -715,6 +721,7 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         )
 
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    had_metrics = (out / METRICS).exists()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
@@ -723,7 +730,7 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         )
     except BaseException:
         if is_main and not checkpoint_dirs(out):
-            discard(out, created)
+            discard(out, created, had_metrics)
         raise
 
     model.eval()
