@@ -289,7 +289,7 @@ def parse_request(body: bytes, served: Served) -> ChatRequest:
     model = request.get("model")
     if model not in (None, "", served.model_id):
         raise ApiError(404, f"unknown model {_shown(model)}; this server has {served.model_id!r}")
-    if request.get("n", 1) != 1:
+    if _option(request, "n", int, 1) != 1:
         raise ApiError(400, "n must be 1: one answer per request")
     _option(request, "user", str, None)
     _option(request, "stream_options", dict, None)
@@ -500,6 +500,8 @@ def image_size(source: bytes | Path) -> tuple[int, int]:
 def read_settings(request: dict[str, Any]) -> GenerationSettings:
     defaults = GenerationSettings()
     max_tokens = _option(request, "max_tokens", int, defaults.max_tokens, low=1)
+    if request.get("top_p") == 0:  # as the command line: a nucleus of nothing samples nothing
+        raise ApiError(400, "top_p must be above 0 and at most 1, not 0")
     return GenerationSettings(
         max_tokens=_option(request, "max_completion_tokens", int, max_tokens, low=1),
         temperature=_option(request, "temperature", float, defaults.temperature, low=0, high=2),

@@ -116,6 +116,7 @@ def convert(
         int | None,
         typer.Option(
             min=1,
+            max=8192,
             help="Input resolution, a multiple of the patch size (position embeddings are "
             "interpolated).",
         ),

@@ -39,6 +39,8 @@ CASES = [
                                                  "{llm}", "--out", "{out}", "--num-image-tokens",
                                                  "400"], "more than the encoder's"),
     ("convert: image size 0", [*CONVERT, "--out", "{out}", "--image-size", "0"], "--image-size"),
+    ("convert: image size 800000", [*CONVERT, "--out", "{out}", "--image-size", "800000"],
+     "--image-size"),
     ("convert: image size off the patch grid", [*CONVERT, "--out", "{out}", "--image-size", "50"],
      "multiple of the encoder's patch size 8"),
     ("convert: image size below a patch", [*CONVERT, "--out", "{out}", "--image-size", "4"],
