@@ -313,6 +313,8 @@ def chat(
     from mm1_mlx.loading import load, model_or_default
 
     if annotate:
+        if prompt is not None and not image:
+            raise typer.BadParameter("needs an --image to draw on", param_hint="'--annotate'")
         check_output(annotate)
     images = check_images(image or [])
     model = model_or_default(model)

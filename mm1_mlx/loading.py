@@ -148,10 +148,17 @@ def load_processor(folder: Path, config: MM1Config):
         names = ", ".join(TOKENIZER_MODELS)
         raise UserError(f"{folder}: no tokenizer files (one of {names})")
     try:
-        return Processor.from_folder(folder, config)
+        processor = Processor.from_folder(folder, config)
     except Exception as error:  # transformers raises many kinds for a bad tokenizer folder
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{folder}: cannot load the tokenizer ({reason})") from None
+    image_ids = processor.tokenizer.encode(config.image_token, add_special_tokens=False)
+    if image_ids != [config.image_token_id]:
+        raise UserError(
+            f"{folder}: the tokenizer makes {config.image_token!r} the tokens {image_ids}, not "
+            f"the image token {config.image_token_id} that config.json names"
+        )
+    return processor
 
 
 def check_writable(out: Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:

@@ -124,6 +124,8 @@ CASES = [
     ("dense-pretrain: learning rate 0", [*DENSE, "--lr", "0"], "--lr"),
     ("dense-pretrain: negative seed", [*DENSE, "--seed", "-1"], "--seed"),
     ("unknown option", [*CHAT, "--temperature", "1", "hi"], "--temperature"),
+    ("chat: annotate without an image", [*CHAT, "--annotate", "{tmp}/answer.png", "hi"],
+     "--annotate"),
     ("chat: prompt over the context", [*CHAT, "one two three four " * 200],
      "this model's context holds"),
     ("init: tokenizer a file", ["init", "{model}/config.json", "--tokenizer", "{file}", "--out",

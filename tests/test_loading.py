@@ -1,6 +1,7 @@
 """Model folders: sharded weights, quantized layers, other connectors, hub ids offline."""
 
 import json
+import shutil
 
 import huggingface_hub.constants as hub
 import mlx.core as mx
@@ -78,6 +79,15 @@ def test_unknown_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="acme/absent: no such local file or folder, and") as error:
         mm1_mlx.load("acme/absent")
     assert "\n" not in str(error.value)
+
+
+def test_a_tokenizer_without_the_config_s_image_token_is_refused_at_load(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_token": "<picture>"}))
+    with pytest.raises(UserError, match=r"the tokenizer makes '<picture>' the tokens \[.*\], not"):
+        mm1_mlx.load(folder)
 
 
 def test_weights_that_do_not_match_the_config(parts, tmp_path):

@@ -132,6 +132,12 @@ def test_a_loss_that_is_not_finite_stops_the_run(workdir):
     assert not (workdir / "o" / "model.safetensors").exists()
 
 
+def test_a_sequence_longer_than_the_model_s_context_is_refused(workdir):
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", ["data.seq_len=512"], out=workdir / "o")
+    with pytest.raises(UserError, match="data.seq_len 512 is over the model's context of 256"):
+        train(recipe)
+
+
 def test_a_recipe_that_trains_nothing_is_refused(workdir):
     frozen = [f"modules.{name}.trainable=false" for name in ("vision", "connector", "decoder")]
     recipe = load_recipe(workdir / "tiny-pretrain.toml", frozen, out=workdir / "o")

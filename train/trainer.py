@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mm1_mlx.errors import UserError
+from mm1_mlx.generate import model_context
 from mm1_mlx.loading import (
     check_not_over_inputs,
     copy_tokenizer_files,
@@ -692,6 +693,11 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
     if not tree_flatten(model.trainable_parameters()):
         raise UserError("nothing to train: every module is frozen ([modules.*] trainable = false)")
     check_memory(recipe, model, group.size())
+    context = model_context(model)
+    if context is not None and recipe.data.seq_len > context:
+        raise UserError(
+            f"data.seq_len {recipe.data.seq_len} is over the model's context of {context} tokens"
+        )
     if is_main:
         print(trainable_summary(model))
     loader = make_loader(recipe, processor, recipe.data.sources, group)
