@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mm1_mlx.config import read_json
+from mm1_mlx.config_checks import TEXT_CONFIG, check_values
 from mm1_mlx.convert.torch_reader import open_checkpoint
 from mm1_mlx.decoder import decoder_classes
 from mm1_mlx.errors import UserError
@@ -34,6 +35,7 @@ def text_config_of(config: dict[str, Any], folder: Path, where: str) -> dict[str
     multimodal one `where` names), with the eos tokens of the folder's generation_config.json."""
     if "model_type" not in config:
         raise UserError(f"{where}: no model_type")
+    check_values(config, TEXT_CONFIG, where)
     generation = folder / "generation_config.json"
     if generation.is_file():
         eos = read_json(generation).get("eos_token_id")

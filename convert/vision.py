@@ -22,6 +22,7 @@ from mm1_mlx.config import (
     VisionConfig,
     read_json,
 )
+from mm1_mlx.config_checks import VISION, check_values
 from mm1_mlx.convert.torch_reader import open_checkpoint
 from mm1_mlx.errors import UserError
 from mm1_mlx.vision import VisionTransformer
@@ -331,6 +332,18 @@ def convert_hf_encoder(
     return config, take_hf_weights(weights, config, shapes, prefix, where)
 
 
+# The HF vision config's keys, as the VisionConfig fields they become are checked.
+HF_VISION_RULES = {
+    "hidden_size": VISION["width"],
+    "num_hidden_layers": VISION["layers"],
+    "num_attention_heads": VISION["heads"],
+    "intermediate_size": VISION["mlp_dim"],
+    "patch_size": VISION["patch_size"],
+    "image_size": VISION["image_size"],
+    "layer_norm_eps": VISION["layer_norm_eps"],
+}
+
+
 def hf_vision_fields(cfg: dict[str, Any], family: str, where: Path | str) -> dict[str, Any]:
     """VisionConfig fields of an HF vision config (`family`: "clip" or "siglip")."""
     defaults = HF_DEFAULTS[family]
@@ -338,6 +351,7 @@ def hf_vision_fields(cfg: dict[str, Any], family: str, where: Path | str) -> dic
     act = cfg.get("hidden_act", defaults["act"])
     if act not in HF_ACTS:
         raise UserError(f"{where}: hidden_act {act!r} is not one of {sorted(HF_ACTS)}")
+    check_values(cfg, HF_VISION_RULES, str(where))
     return dict(
         model_type=family,
         width=cfg.get("hidden_size", 768),

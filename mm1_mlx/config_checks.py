@@ -89,6 +89,15 @@ QUANTIZATION |= {"group_size": SIZE, "mode": TEXT}
 TOP = {"image_token": TEXT, "image_token_id": integer(0), "num_image_tokens": SIZE}
 
 
+def check_values(values: dict[str, Any], rules: dict[str, Rule], where: str) -> None:
+    """Refuse a value of `values` outside its rule's domain; `where` names them in the error."""
+    for name, rule in rules.items():
+        if name in values and not rule.test(values[name]):
+            shown = repr(values[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise UserError(f"{where}: {name} must be {rule.allowed}, not {shown}")
+
+
 def check_config(values: dict[str, Any], path: str | Path, complete: bool = True) -> None:
     """Refuse a config.json (`values`, read from `path`) with a value outside its domain.
     `complete`: a model folder's; False for `mm1-mlx init`'s input, whose image_token_id,

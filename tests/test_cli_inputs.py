@@ -38,6 +38,12 @@ CASES = [
     ("convert: more image tokens than patches", ["convert", "--vision", "{vision}", "--llm",
                                                  "{llm}", "--out", "{out}", "--num-image-tokens",
                                                  "400"], "more than the encoder's"),
+    ("convert: vision config patch size as text", ["convert", "--vision", "{bad_vision}",
+                                                   "--llm", "{llm}", "--out", "{out}"],
+     "patch_size must be an integer >= 1, not '8'"),
+    ("convert: LLM config negative layers", ["convert", "--vision", "{vision}", "--llm",
+                                             "{bad_llm}", "--out", "{out}"],
+     "num_hidden_layers must be an integer >= 1, not -1"),
     ("convert: image size 0", [*CONVERT, "--out", "{out}", "--image-size", "0"], "--image-size"),
     ("convert: image size 800000", [*CONVERT, "--out", "{out}", "--image-size", "800000"],
      "--image-size"),
@@ -175,6 +181,10 @@ def inputs(tiny_model_dir, tmp_path_factory):
     (root / "data.jsonl").write_text(json.dumps({"text": "a red circle"}) + "\n")
     (root / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
     (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    for part, key, value in (("vision", "patch_size", "8"), ("llm", "num_hidden_layers", -1)):
+        shutil.copytree(tiny_model_dir.parent / part, root / f"bad_{part}")
+        config = json.loads((root / f"bad_{part}" / "config.json").read_text())
+        (root / f"bad_{part}" / "config.json").write_text(json.dumps({**config, key: value}))
     (root / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (root / "deep.toml").write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")
     (root / "empty.jsonl").write_text("")
@@ -199,6 +209,8 @@ def inputs(tiny_model_dir, tmp_path_factory):
         "bad_jsonl": root / "bad.jsonl",
         "no_tokenizer": no_tokenizer,
         "deep_json": root / "deep.json",
+        "bad_vision": root / "bad_vision",  # patch_size "8"
+        "bad_llm": root / "bad_llm",  # num_hidden_layers -1
         "deep_jsonl": root / "deep.jsonl",
         "deep_toml": root / "deep.toml",
         "empty": root / "empty.jsonl",
