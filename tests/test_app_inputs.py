@@ -4,6 +4,8 @@ worker, decoded pictures do not outlive their request, and no answer names the s
 
 import gc
 import io
+import logging
+import socket
 import struct
 import threading
 import time
@@ -329,6 +331,25 @@ def test_a_prompt_over_the_context_is_refused_before_the_worker(client, generati
     error = response.json()["error"]
     assert error["type"] == "context_length_exceeded" and "tokens" in error["message"]
     assert time.monotonic() - started < 5 and generations == []
+
+
+def test_a_client_gone_before_its_whole_body_leaves_no_traceback(url, client):
+    errors = []
+    handler = logging.Handler()
+    handler.emit = errors.append
+    uvicorn_log = logging.getLogger("uvicorn.error")  # where uvicorn writes a failed request
+    uvicorn_log.addHandler(handler)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as gone:
+            head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            head += "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            gone.sendall(f"{head}{{".encode())  # 1 byte of the 1000 it announced
+        time.sleep(0.5)  # the server reads what came, then finds the client gone
+        assert client.post("/v1/chat/completions", **user("hi"), timeout=60).status_code == 200
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert [record.getMessage() for record in errors if record.exc_info] == []
 
 
 def test_a_long_text_is_refused_from_its_first_part(client, monkeypatch):
