@@ -21,7 +21,7 @@ from mm1_mlx.generate import generate
 from mm1_mlx.train import trainer
 from mm1_mlx.train.data import DataLoader
 from mm1_mlx.train.recipe import load_recipe
-from mm1_mlx.train.trainer import StepAbandoned, stops_save, train, whole_step
+from mm1_mlx.train.trainer import HeldStops, StepAbandoned, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 
@@ -63,26 +63,26 @@ def test_loss_falls_and_frozen_vision_stays_bit_identical(workdir):
     assert any(not np.array_equal(changed[0][k], changed[1][k]) for k in changed[0])
 
 
-def test_ctrl_c_inside_a_step_takes_effect_when_the_step_ends():
+def test_a_stop_inside_a_step_is_held_until_the_step_ends():
     finished = []
     before = signal.getsignal(signal.SIGINT)  # pytest's, or one another test left
-    with pytest.raises(KeyboardInterrupt):
-        with whole_step():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the signal arrives here, and is held
-            finished.append(True)
+    with HeldStops() as stops:
+        assert not stops.stop_now()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the signal arrives here, and is held
+        finished.append(True)
+        assert stops.stop_now()
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_second_stop_inside_a_step_stops_at_once():
-    with pytest.raises(StepAbandoned):
-        with whole_step():
-            os.kill(os.getpid(), signal.SIGTERM)  # held
-            time.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-            pytest.fail("the second stop did not end the step")
+    with pytest.raises(StepAbandoned), HeldStops():
+        os.kill(os.getpid(), signal.SIGINT)  # held
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        pytest.fail("the second stop did not end the step")
 
 
 def test_a_run_stuck_in_a_step_stops_on_a_second_signal_and_saves_nothing(workdir, monkeypatch):
@@ -151,15 +151,6 @@ def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(workdir):
     fewer = load_recipe(workdir / "tiny-pretrain.toml", ["train.steps=2"], out=workdir / "o")
     with pytest.raises(UserError, match="checkpoint is at step 4, past train.steps 2"):
         train(fewer, resume=True)
-
-
-def test_sigterm_between_steps_stops_the_run_as_ctrl_c_does():
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with stops_save():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_resume_reproduces_the_uninterrupted_run(workdir):

@@ -35,13 +35,12 @@ from mm1_mlx.train.optim import compiled_update, make_schedule
 from mm1_mlx.train.ranks import init_group, sum_over_ranks
 from mm1_mlx.train.trainer import (
     ABANDONED,
+    HeldStops,
     StepAbandoned,
     check_finite,
     checkpoint_dirs,
     resume_from,
     save_checkpoint,
-    stops_save,
-    whole_step,
 )
 
 CLASSES = ("nothing", *synth.THING_NAMES)
@@ -321,22 +320,23 @@ def dense_pretrain(
 
     logged_step, logged_at = step, time.perf_counter()
     try:
-        with stops_save():
+        with HeldStops(group) as stops:
             while step < settings.steps:
-                with whole_step():
-                    # Every rank draws the same scenes; each decodes and runs its own share.
-                    items = rng.sample(train_items, batch_size)
-                    targets = [batcher.targets(item) for item in items]
-                    on_things = sum(int((classes > 0).sum()) for classes, _ in targets)
-                    cells = sum(classes.size for classes, _ in targets)
-                    mine = slice(group.rank() * share, (group.rank() + 1) * share)
-                    batch = batcher(items[mine], targets[mine])
-                    loss, grads = loss_and_grad(net, batch, (on_things, cells - on_things))
-                    loss, grads = sum_over_ranks((loss, grads), group)
-                    update(grads)
-                    mx.eval(loss, net.parameters(), optimizer.state)
-                    check_finite(loss.item(), step + 1)
-                    step += 1
+                # Every rank draws the same scenes; each decodes and runs its own share.
+                items = rng.sample(train_items, batch_size)
+                targets = [batcher.targets(item) for item in items]
+                on_things = sum(int((classes > 0).sum()) for classes, _ in targets)
+                cells = sum(classes.size for classes, _ in targets)
+                mine = slice(group.rank() * share, (group.rank() + 1) * share)
+                batch = batcher(items[mine], targets[mine])
+                loss, grads = loss_and_grad(net, batch, (on_things, cells - on_things))
+                loss, grads = sum_over_ranks((loss, grads), group)
+                update(grads)
+                mx.eval(loss, net.parameters(), optimizer.state)
+                check_finite(loss.item(), step + 1)
+                step += 1
+                if stops.stop_now():
+                    raise KeyboardInterrupt
                 if is_main and (step % settings.log_every == 0 or step == settings.steps):
                     now = time.perf_counter()
                     speed = batch_size * (step - logged_step) / (now - logged_at)

@@ -200,48 +200,42 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; a scheduler, or a clos
 ABANDONED = "stopped during a step, which is not saved; --resume continues from the last checkpoint"
 
 
-@contextmanager
-def stops_save() -> Iterator[None]:
-    """SIGTERM stops a run as Ctrl-C does (a KeyboardInterrupt), so the run saves its checkpoint
-    either way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread receives signals
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class StepAbandoned(KeyboardInterrupt):
     """A second stop signal during a step: the run stops at once and saves nothing (the step's
     weights may be half updated); its last checkpoint stands."""
 
 
-@contextmanager
-def whole_step() -> Iterator[None]:
-    """A stop signal inside the block takes effect when it ends: the checkpoint written on an
-    interrupt never holds weights a step ahead of its step count and data position. A second
-    one stops at once (StepAbandoned), should the step not end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
+class HeldStops:
+    """Ctrl-C and SIGTERM while a run trains are held until the step ends: the checkpoint then
+    written never holds weights a step ahead of its step count and data position, and every
+    rank stops at the same step (they agree on it, whichever ranks the signal reached). A
+    second signal stops at once (StepAbandoned), should the step not end."""
 
-    def defer(*_) -> None:
-        if received:
-            raise StepAbandoned
-        received.append(True)
+    def __init__(self, group: Any = None):
+        self.group = group
+        self.received = 0
+        self.previous: dict = {}
 
-    previous = {s: signal.signal(s, defer) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for stop, handler in previous.items():
+    def __enter__(self) -> "HeldStops":
+        if threading.current_thread() is threading.main_thread():  # only it receives signals
+            self.previous = {stop: signal.signal(stop, self.hold) for stop in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for stop, handler in self.previous.items():
             signal.signal(stop, handler)
-    if received:
-        raise KeyboardInterrupt
+
+    def hold(self, *_) -> None:
+        if self.received:
+            raise StepAbandoned
+        self.received = 1
+
+    def stop_now(self) -> bool:
+        """At the end of a step, on every rank: whether the run stops here."""
+        received = self.received
+        if self.group is not None and self.group.size() > 1:
+            received = mx.distributed.all_sum(mx.array(received), group=self.group).item()
+        return received > 0
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -612,24 +606,24 @@ def train_steps(
     data_state = run.loader.state_dict()
     step = saved = start
     try:
-        with stops_save(), gradient_checkpointing(model, recipe.train.gradient_checkpointing):
+        checkpointing = gradient_checkpointing(model, recipe.train.gradient_checkpointing)
+        with HeldStops(run.group) as stops, checkpointing:
             while step < recipe.train.steps:
                 mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
                 began = time.perf_counter()
-                with whole_step():
-                    batches = [
-                        run.loader.next_batch() for _ in range(recipe.train.grad_accumulation)
-                    ]
-                    loss, grad_norm = train_step(batches)
-                    check_finite(loss, step + 1)
-                    step += 1
-                    data_state = run.loader.state_dict()
-                    values = run.record(step, loss, grad_norm, time.perf_counter() - began)
-                    if logged(recipe, step, values):
-                        metrics.write(**values)
-                    if run.is_main and step % recipe.checkpoint.every == 0:
-                        run.save(step, data_state)
-                        saved = step
+                batches = [run.loader.next_batch() for _ in range(recipe.train.grad_accumulation)]
+                loss, grad_norm = train_step(batches)
+                check_finite(loss, step + 1)
+                step += 1
+                data_state = run.loader.state_dict()
+                values = run.record(step, loss, grad_norm, time.perf_counter() - began)
+                if logged(recipe, step, values):
+                    metrics.write(**values)
+                if run.is_main and step % recipe.checkpoint.every == 0:
+                    run.save(step, data_state)
+                    saved = step
+                if stops.stop_now():
+                    raise KeyboardInterrupt
                 if reporter and run.is_main:
                     reporter(step, values)
     except StepAbandoned:
