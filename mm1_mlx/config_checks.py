@@ -89,13 +89,19 @@ QUANTIZATION |= {"group_size": SIZE, "mode": TEXT}
 TOP = {"image_token": TEXT, "image_token_id": integer(0), "num_image_tokens": SIZE}
 
 
-def check_values(values: dict[str, Any], rules: dict[str, Rule], where: str) -> None:
-    """Refuse a value of `values` outside its rule's domain; `where` names them in the error."""
+def refuse(where: str, key: str, allowed: str, value: Any) -> None:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise UserError(f"{where}: {key} must be {allowed}, not {shown}")
+
+
+def check_values(
+    values: dict[str, Any], rules: dict[str, Rule], where: str, prefix: str = ""
+) -> None:
+    """Refuse a value of `values` outside its rule's domain; the error names `where` (a file)
+    and the key, after `prefix` (the section's keys, e.g. "vision_config.")."""
     for name, rule in rules.items():
         if name in values and not rule.test(values[name]):
-            shown = repr(values[name])
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise UserError(f"{where}: {name} must be {rule.allowed}, not {shown}")
+            refuse(where, prefix + name, rule.allowed, values[name])
 
 
 def check_config(values: dict[str, Any], path: str | Path, complete: bool = True) -> None:
@@ -104,8 +110,7 @@ def check_config(values: dict[str, Any], path: str | Path, complete: bool = True
     vocab_size and connector num_tokens init works out itself."""
 
     def fail(key: str, allowed: str, value: Any) -> None:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise UserError(f"{path}: {key} must be {allowed}, not {shown}")
+        refuse(str(path), key, allowed, value)
 
     def table(key: str, rules: dict[str, Rule], required: tuple[str, ...] = ()) -> dict:
         """values[key] (nested keys joined by dots), an object whose given keys follow `rules`."""
@@ -117,9 +122,7 @@ def check_config(values: dict[str, Any], path: str | Path, complete: bool = True
         for name in required:
             if name not in found:
                 raise UserError(f"{path}: {key}.{name} is missing")
-        for name, rule in rules.items():
-            if name in found and not rule.test(found[name]):
-                fail(f"{key}.{name}", rule.allowed, found[name])
+        check_values(found, rules, str(path), f"{key}.")
         return found
 
     vision = table("vision_config", VISION)
@@ -127,9 +130,7 @@ def check_config(values: dict[str, Any], path: str | Path, complete: bool = True
     preprocess = table("preprocess_config", PREPROCESS)
     splitting = table("preprocess_config.splitting", SPLITTING)
     text = table("text_config", TEXT_CONFIG, ("model_type", "vocab_size") if complete else ())
-    for name, rule in TOP.items():
-        if name in values and not rule.test(values[name]):
-            fail(name, rule.allowed, values[name])
+    check_values(values, TOP, str(path))
     if values.get("quantization") is not None:
         table("quantization", QUANTIZATION, ("bits", "group_size"))
 
