@@ -274,14 +274,14 @@ def mlx_lm_side(decoder: nn.Module, prompt: list[int], new_tokens: int) -> Side:
     )
 
 
-def llava_side(model: llava.Model, prompt: list[int], pixels: np.ndarray) -> Side:
-    """mlx-vlm's generate_step to the first token, fed what its LLaVA processor makes: NCHW
-    pixels, and the image token repeated once per patch."""
+def vlm_side(model: nn.Module, prompt: list[int], pixels: np.ndarray, new_tokens: int) -> Side:
+    """mlx-vlm's generate_step, fed what its LLaVA processor makes: NCHW pixels, and the image
+    token repeated once per image token."""
     input_ids = mx.array([prompt])
     pixel_values = mx.array(pixels.transpose(0, 3, 1, 2))
     return Side(
         lambda: mlx_vlm_generate_step(
-            input_ids, model, pixel_values, None, max_tokens=1, temperature=0.0
+            input_ids, model, pixel_values, None, max_tokens=new_tokens, temperature=0.0
         ),
         weights_bytes(model),
     )
@@ -339,18 +339,6 @@ def random_picture(sizes: Sizes) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
-def vlm_side(model: nn.Module, inputs: PromptInputs, new_tokens: int) -> Side:
-    """mlx-vlm's generate_step on the prompt ids and pixels (NCHW) our processor made."""
-    input_ids = mx.array([inputs.input_ids])
-    pixel_values = mx.array(inputs.tiles.transpose(0, 3, 1, 2))
-    return Side(
-        lambda: mlx_vlm_generate_step(
-            input_ids, model, pixel_values, None, max_tokens=new_tokens, temperature=0.0
-        ),
-        weights_bytes(model),
-    )
-
-
 def same_llava_checkpoint(sizes: Sizes) -> dict:
     """Part 5 (module docstring): one llava-hf folder, converted by mm1-mlx and read by mlx-vlm."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -361,18 +349,15 @@ def same_llava_checkpoint(sizes: Sizes) -> dict:
         theirs, _ = mlx_vlm_load(str(source))
     words = " ".join(["what is in this picture"] * sizes.prompt_text_tokens)
     inputs = processor.encode(f"<image>\n{words}", [random_picture(sizes)])
-    answers = {
-        "mm1-mlx": list(mm1_side(ours, inputs, sizes.new_tokens, ours).start())[-1].tokens,
-        "mlx-vlm": [int(token) for token, _ in vlm_side(theirs, inputs, sizes.new_tokens).start()],
+    sides = {
+        "mm1-mlx": mm1_side(ours, inputs, sizes.new_tokens, ours),
+        "mlx-vlm": vlm_side(theirs, inputs.input_ids, inputs.tiles, sizes.new_tokens),
     }
-    runs = side_by_side(
-        {
-            "mm1-mlx": mm1_side(ours, inputs, sizes.new_tokens, ours),
-            "mlx-vlm": vlm_side(theirs, inputs, sizes.new_tokens),
-        },
-        sizes.new_tokens,
-        sizes.rounds,
-    )
+    answers = {  # the same greedy tokens (this also warms both up)
+        "mm1-mlx": list(sides["mm1-mlx"].start())[-1].tokens,
+        "mlx-vlm": [int(token) for token, _ in sides["mlx-vlm"].start()],
+    }
+    runs = side_by_side(sides, sizes.new_tokens, sizes.rounds)
     return {
         "runs": {name: [asdict(run) for run in side] for name, side in runs.items()},
         "prompt_tokens": len(inputs.input_ids),
@@ -435,8 +420,8 @@ def benchmark(sizes: Sizes) -> dict:
     ttft = side_by_side(
         {
             "mm1-mlx": mm1_side(model, one_image, 1, model),
-            "mlx-vlm LLaVA": llava_side(
-                llava_model, [sizes.image_token_id] * patches + text, pixels
+            "mlx-vlm LLaVA": vlm_side(
+                llava_model, [sizes.image_token_id] * patches + text, pixels, 1
             ),
         },
         1,
