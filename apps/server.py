@@ -503,15 +503,16 @@ def image_size(source: bytes | Path) -> tuple[int, int]:
 def read_settings(request: dict[str, Any]) -> GenerationSettings:
     defaults = GenerationSettings()
     max_tokens = _option(request, "max_tokens", int, defaults.max_tokens, low=1)
-    if request.get("top_p") == 0:  # as the command line: a nucleus of nothing samples nothing
-        raise ApiError(400, "top_p must be above 0 and at most 1, not 0")
-    return GenerationSettings(
-        max_tokens=_option(request, "max_completion_tokens", int, max_tokens, low=1),
-        temperature=_option(request, "temperature", float, defaults.temperature, low=0, high=2),
-        top_p=_option(request, "top_p", float, defaults.top_p, low=0, high=1),
-        stop=read_stop(request.get("stop")),
-        seed=_option(request, "seed", int, None, *SEED_RANGE),
-    )
+    try:
+        return GenerationSettings(
+            max_tokens=_option(request, "max_completion_tokens", int, max_tokens, low=1),
+            temperature=_option(request, "temperature", float, defaults.temperature, low=0, high=2),
+            top_p=_option(request, "top_p", float, defaults.top_p, low=0, high=1),
+            stop=read_stop(request.get("stop")),
+            seed=_option(request, "seed", int, None, *SEED_RANGE),
+        )
+    except UserError as error:  # what the settings themselves refuse
+        raise ApiError(400, str(error)) from None
 
 
 def _option(

@@ -41,6 +41,9 @@ class GenerationSettings:
         # never stop.
         if self.max_tokens < 1:
             raise UserError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        # mlx-lm reads a top-p of 0 as "off"; a nucleus of no probability mass samples nothing.
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be above 0 and at most 1, not {self.top_p}")
 
     def check_for(self, model: MM1Model) -> None:
         """What depends on the model: mlx-lm's top-k needs k below the vocabulary."""
