@@ -58,6 +58,7 @@ from mm1_mlx.generate import (
     GenerationSettings,
     ImageFeatureCache,
     PromptCache,
+    check_context,
     model_context,
 )
 from mm1_mlx.model import MM1Model
@@ -375,13 +376,10 @@ def fit_context(
     if context is None:
         return settings
     prompt = len(inputs.input_ids)
-    if prompt >= context:
-        raise ApiError(
-            400,
-            f"the prompt is {prompt:,} tokens (its text and images); this model's context holds "
-            f"{context:,}, and the answer needs at least one",
-            "context_length_exceeded",
-        )
+    try:
+        check_context(prompt, context)
+    except UserError as error:
+        raise ApiError(400, str(error), "context_length_exceeded") from None
     return dataclasses.replace(settings, max_tokens=min(settings.max_tokens, context - prompt))
 
 

@@ -138,9 +138,8 @@ def model_context(model: MM1Model) -> int | None:
     return model.config.text_config.get("max_position_embeddings")
 
 
-def check_context(model: MM1Model, prompt_tokens: int) -> None:
-    """A prompt must leave the model's context room for at least one token of answer."""
-    context = model_context(model)
+def check_context(prompt_tokens: int, context: int | None) -> None:
+    """A prompt must leave the context (None: no limit) room for at least one token of answer."""
     if context is not None and prompt_tokens >= context:
         raise UserError(
             f"the prompt is {prompt_tokens:,} tokens (its text and images); this model's context "
@@ -159,7 +158,7 @@ def generate_tokens(
 ) -> Iterator[GenerationChunk]:
     """Stream the answer to `inputs`, whose first `reuse` tokens are already in `cache`."""
     settings.check_for(model)
-    check_context(model, len(inputs.input_ids))
+    check_context(len(inputs.input_ids), model_context(model))
     start = time.perf_counter()
     if settings.seed is not None:
         mx.random.seed(settings.seed)
