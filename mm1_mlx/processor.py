@@ -29,7 +29,17 @@ from mm1_mlx import splitting
 from mm1_mlx.config import MM1Config, PreprocessConfig
 from mm1_mlx.errors import UserError
 
-ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image file's bytes with the name messages call it by (a tar member, a parquet cell,
+    a zip entry): training data keeps images inside such containers."""
+
+    name: str
+    data: bytes
+
+
+ImageInput = str | Path | bytes | ImageBytes | Image.Image | np.ndarray
 
 # Larger or more elongated images are refused: decompression bombs, corrupt headers, and
 # sizes no encoder input can use. 64 MP is below PIL's own bomb warning (89 MP).
@@ -69,7 +79,7 @@ def load_image(image: ImageInput) -> Image.Image:
         return _decode_image(opened, name)
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
+def read_image_size(path: str | Path | ImageBytes) -> tuple[int, int]:
     """The (width, height) `load_image(path)` gives, read from the file's header without decoding
     the pixels. Raises load_image's UserErrors for missing, empty, unknown and oversized files;
     a file corrupt past its header fails only in load_image."""
@@ -93,6 +103,8 @@ def _describe(image: Any) -> str:
         return str(image)
     if isinstance(image, (bytes, bytearray)):
         return f"image bytes ({len(image)} bytes)"
+    if isinstance(image, ImageBytes):
+        return image.name
     if isinstance(image, Image.Image):
         return "PIL image"
     if isinstance(image, np.ndarray):
@@ -126,6 +138,8 @@ def _open_image_file(image: Any, name: str) -> Image.Image:
         empty = source.stat().st_size == 0
     elif isinstance(image, (bytes, bytearray)):
         source, empty = io.BytesIO(image), not image
+    elif isinstance(image, ImageBytes):
+        source, empty = io.BytesIO(image.data), not image.data
     else:
         raise UserError(f"cannot read an image from a {type(image).__name__}")
     if empty:

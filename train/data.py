@@ -1,13 +1,14 @@
-"""Training data: JSONL sources -> packed, loss-weighted batches (docs/architecture.md, "Training").
+"""Training data: sources -> packed, loss-weighted batches (docs/architecture.md, "Training").
 
 Top to bottom, what `DataLoader.next_batch` does:
 1. Mixture: each draw picks a source with probability weight / sum(weights) (a seeded numpy
-   Generator) and reads that source's next line. Files are streamed: each source keeps the byte
-   offset of its next line; at the end of a file it starts again (its next epoch).
-2. Layout: the line -> an Example: the token ids the processor makes for inference and which
+   Generator) and reads that source's next record (train/readers.py: JSONL lines, webdataset
+   shards, parquet rows, LLaVA's JSON). Files are streamed: each source keeps where its next
+   record starts; at the end of its data it starts again (its next epoch).
+2. Layout: the record -> an Example: the token ids the processor makes for inference and which
    tokens carry loss. Images are read only as far as their headers (their sizes choose MM1.5
    split grids); nothing is decoded yet. Bad examples are counted in `skipped` and passed over
-   (or raise a UserError naming file:line with strict=True).
+   (or raise a UserError naming file:record with strict=True).
 3. Packing: examples fill rows of seq_len + 1 tokens in draw order (inputs = row[:-1],
    targets = row[1:]); one that does not fit starts the next row; the tail is padding.
 4. Pixels: every rank lays out the whole global batch (cheap) so all ranks agree on it, but
@@ -25,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from mm1_mlx.errors import UserError
-from mm1_mlx.jsonl import BadLine, parse_object
 from mm1_mlx.processor import (
+    ImageBytes,
     Processor,
     common_prefix_length,
     load_image,
@@ -39,16 +40,11 @@ from mm1_mlx.processor import (
     read_image_size,
 )
 from mm1_mlx.splitting import Grid
+from mm1_mlx.train.readers import make_reader
+from mm1_mlx.train.sources import Record, Skip, SourceConfig, check_source
 
 LOSS_WEIGHTINGS = ("token", "example", "turn")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-
-
-@dataclass
-class SourceConfig:
-    path: str  # a .jsonl file; its image paths are relative to its folder
-    format: str  # "caption" | "interleaved" | "text" | "chat"
-    weight: float = 1.0
 
 
 @dataclass
@@ -70,34 +66,16 @@ class Batch:
 # -- examples -------------------------------------------------------------------------------
 
 
-class Skip(Exception):
-    """An example that cannot be used; `reason` is its key in DataLoader.skipped."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class LinePosition:
-    """Where a JSONL line starts: enough to read it again."""
-
-    source: int  # index into DataLoader.sources
-    offset: int  # byte offset in the file
-    number: int  # 1-based line number, for messages
-    epoch: int = 0  # the file's pass it was read in: a bad line is counted in the first only
-
-
 @dataclass
 class Example:
-    """One JSONL line as the model sees it."""
+    """One record as the model sees it."""
 
     tokens: list[int]  # ends with EOS
     trained: list[bool]  # per token: whether predicting it carries loss
-    images: list[Path]  # in the order of their image tokens
+    images: list[Path | ImageBytes]  # in the order of their image tokens
     grids: list[Grid]  # each image's tile grid (processor.WHOLE_IMAGE: not split)
-    position: LinePosition
-    origin: str  # "file:line"
+    source: int  # index into DataLoader.sources
+    record: Record  # where it was read: origin, epoch, position
 
 
 @dataclass
@@ -206,82 +184,18 @@ def tokens_and_loss(
     return tokens, trained
 
 
-def image_size(path: Path) -> tuple[int, int]:
+def image_size(image: Path | ImageBytes) -> tuple[int, int]:
+    """Its (width, height) from its header, or Skip: a missing file, or a corrupt image."""
     try:
-        exists = path.is_file()
+        exists = isinstance(image, ImageBytes) or image.is_file()
     except OSError as error:  # a name too long for the file system, say
-        raise Skip("missing image", f"{path}: {error.strerror}") from None
+        raise Skip("missing image", f"{image}: {error.strerror}") from None
     if not exists:
-        raise Skip("missing image", f"{path}: no such image file")
+        raise Skip("missing image", f"{image}: no such image file")
     try:
-        return read_image_size(path)
+        return read_image_size(image)
     except UserError as error:
         raise Skip("corrupt image", str(error)) from None
-
-
-# -- reading --------------------------------------------------------------------------------
-
-
-@dataclass
-class SourceReader:
-    """A JSONL file read a line at a time from a byte offset, never whole; at its end it starts
-    over. `used_in_epoch` (examples taken this epoch) stops a file of only bad lines from
-    looping forever."""
-
-    path: Path
-    offset: int = 0  # of the next line
-    line_number: int = 0  # of the last line read
-    epoch: int = 0
-    used_in_epoch: int = 0
-    file: BinaryIO | None = field(default=None, repr=False)
-
-    def next_line(self, describe_skips: Callable[[], str]) -> tuple[int, int, bytes]:
-        """(offset, line number, bytes) of the next non-blank line."""
-        while True:
-            offset, raw = self.offset, self.read_at(self.offset)
-            if not raw:
-                self.start_next_epoch(describe_skips)
-                continue
-            self.offset += len(raw)
-            self.line_number += 1
-            if raw.strip():
-                return offset, self.line_number, raw
-
-    def read_at(self, offset: int) -> bytes:
-        if self.file is None:
-            self.file = self.path.open("rb")
-        self.file.seek(offset)  # within the read buffer this is free
-        return self.file.readline()
-
-    def start_next_epoch(self, describe_skips: Callable[[], str]) -> None:
-        if self.used_in_epoch == 0:
-            raise UserError(f"{self.path}: not one usable example in the file ({describe_skips()})")
-        self.offset, self.line_number, self.used_in_epoch = 0, 0, 0
-        self.epoch += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        keys = ("offset", "line_number", "epoch", "used_in_epoch")
-        return {"path": str(self.path), **{key: getattr(self, key) for key in keys}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Resolved: a checkpoint may name the file relative to the working directory.
-        if Path(state["path"]).resolve() != self.path.resolve():
-            raise UserError(f"the data state is for {state['path']}, not {self.path}")
-        counts = state["line_number"], state["epoch"], state["used_in_epoch"]
-        if not self.starts_a_line(state["offset"]) or min(counts) < 0:
-            raise ValueError(f"{self.path}: the data state's position is not one of the file's")
-        self.offset, self.line_number = state["offset"], state["line_number"]
-        self.epoch, self.used_in_epoch = state["epoch"], state["used_in_epoch"]
-
-    def starts_a_line(self, offset: int) -> bool:
-        """Whether `offset` is where one of the file's lines starts (or its end)."""
-        if not 0 <= offset <= self.path.stat().st_size:
-            return False
-        if offset == 0:
-            return True
-        with self.path.open("rb") as file:
-            file.seek(offset - 1)
-            return file.read(1) == b"\n"
 
 
 # -- packing --------------------------------------------------------------------------------
@@ -306,7 +220,7 @@ class Row:
 
 
 class DataLoader:
-    """Batches of packed sequences from a weighted mixture of JSONL sources (module docstring).
+    """Batches of packed sequences from a weighted mixture of data sources (module docstring).
 
     Every rank builds the same global batch of `batch_size` rows and returns its slice
     [rank * B / W, (rank + 1) * B / W), so the data does not depend on `world_size`.
@@ -339,10 +253,10 @@ class DataLoader:
         weights = np.array([source.weight for source in sources], np.float64)
         self.probabilities = weights / weights.sum()
         self.rng = np.random.default_rng(seed)
-        self.readers = [SourceReader(Path(source.path)) for source in sources]
+        self.readers = [make_reader(source, [seed, i]) for i, source in enumerate(sources)]
         self.pending: Example | None = None  # drawn but did not fit the last row: starts the next
         self.skipped: collections.Counter = collections.Counter()
-        self.first_skips: dict[str, str] = {}  # reason -> "file:line: detail" of its first case
+        self.first_skips: dict[str, str] = {}  # reason -> "file:record: detail" of its first
         tokenizer = processor.tokenizer
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = self.eos_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
@@ -409,7 +323,7 @@ class DataLoader:
             try:
                 tiles += self.example_tiles(example)
             except UserError as error:
-                self.skip(example.position, Skip("corrupt image", str(error)))
+                self.skip(example.record, Skip("corrupt image", str(error)))
                 row.weights[start : start + len(example.tokens)] = [0.0] * len(example.tokens)
                 size = self.processor.config.preprocess_config.image_size
                 count = sum(num_tiles(grid) for grid in example.grids)
@@ -430,33 +344,26 @@ class DataLoader:
         while True:
             index = int(self.rng.choice(len(self.readers), p=self.probabilities))
             reader = self.readers[index]
-            offset, number, raw = reader.next_line(self.skipped_summary)
-            position = LinePosition(index, offset, number, reader.epoch)
+            record = reader.next_record(self.skipped_summary)
             try:
-                example = self.lay_out(position, raw)
+                example = self.lay_out(index, record)
             except Skip as skip:
-                self.skip(position, skip)
+                self.skip(record, skip)
                 continue
             reader.used_in_epoch += 1
             return example
 
-    def origin(self, position: LinePosition) -> str:
-        return f"{self.sources[position.source].path}:{position.number}"
-
-    def lay_out(self, position: LinePosition, raw: bytes) -> Example:
-        """A JSONL line -> an Example, or Skip."""
+    def lay_out(self, source: int, record: Record) -> Example:
+        """A record -> an Example, or Skip."""
+        if isinstance(record.value, Skip):
+            raise record.value
         try:
-            record = parse_object(raw)
-        except BadLine as error:
-            raise Skip("unparsable line", str(error)) from None
-        source = self.sources[position.source]
-        try:
-            rendered = RENDERERS[source.format](record, self.processor)
-            folder = Path(source.path).parent
-            images = [folder / name for name in rendered.images]
-            if len(images) > self.max_images:
-                raise Skip("too many images", f"{len(images)} images, over {self.max_images}")
-            sizes = [image_size(path) for path in images]
+            rendered = RENDERERS[self.sources[source].format](record.value, self.processor)
+            if len(rendered.images) > self.max_images:
+                count = len(rendered.images)
+                raise Skip("too many images", f"{count} images, over {self.max_images}")
+            images = [record.image(name) for name in rendered.images]
+            sizes = [image_size(image) for image in images]
             grids = self.processor.image_grids(sizes, split=self.split_images)
             tokens, trained = tokens_and_loss(self.processor, rendered, grids)
         except UserError as error:  # from the processor: markers, messages, chat template
@@ -469,16 +376,15 @@ class DataLoader:
             raise Skip("too long", f"{len(tokens)} tokens, over seq_len + 1 = {self.seq_len + 1}")
         if not any(trained):
             raise Skip("nothing to train on", "no tokens carry loss")
-        return Example(tokens, trained, images, grids, position, self.origin(position))
+        return Example(tokens, trained, images, grids, source, record)
 
-    def skip(self, position: LinePosition, skip: Skip) -> None:
-        origin = self.origin(position)
+    def skip(self, record: Record, skip: Skip) -> None:
         if self.strict:
-            raise UserError(f"{origin}: {skip}")
-        if position.epoch > 0:  # later epochs meet the same bad lines again
+            raise UserError(f"{record.origin}: {skip}")
+        if record.epoch > 0:  # later epochs meet the same bad records again
             return
         self.skipped[skip.reason] += 1
-        self.first_skips.setdefault(skip.reason, f"{origin}: {skip}")
+        self.first_skips.setdefault(skip.reason, f"{record.origin}: {skip}")
 
     def skipped_summary(self) -> str:
         """E.g. "skipped 3 examples: 2 missing image (first: a.jsonl:4: ...), 1 too long (...)"."""
@@ -494,13 +400,12 @@ class DataLoader:
     # -- resuming --
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything to resume exactly: the mixture's RNG, each file's position, the example
-        carried into the next row (as its line's position: it is laid out again) and the
+        """Everything to resume exactly: the mixture's RNG, each source's position, the example
+        carried into the next row (as its record's position: it is laid out again) and the
         skip counts. JSON-serialisable."""
         pending = None
         if self.pending is not None:
-            position = self.pending.position
-            pending = [position.source, position.offset, position.number, position.epoch]
+            pending = [self.pending.source, *self.pending.record.position]
         return {
             "rng": self.rng.bit_generator.state,
             "sources": [reader.state_dict() for reader in self.readers],
@@ -522,16 +427,15 @@ class DataLoader:
         self.first_skips = dict(state["first_skips"])
         self.pending = None
         if state["pending"] is not None:
-            self.pending = self.reread(LinePosition(*state["pending"]))
+            source, *position = state["pending"]
+            self.pending = self.reread(source, position)
 
-    def reread(self, position: LinePosition) -> Example:
-        raw = self.readers[position.source].read_at(position.offset)
+    def reread(self, source: int, position: list) -> Example:
+        record = self.readers[source].reread(position)
         try:
-            return self.lay_out(position, raw)
+            return self.lay_out(source, record)
         except Skip as skip:
-            raise UserError(
-                f"{self.origin(position)} changed since the checkpoint: {skip}"
-            ) from None
+            raise UserError(f"{record.origin} changed since the checkpoint: {skip}") from None
 
 
 def check_settings(
@@ -549,8 +453,7 @@ def check_settings(
             raise UserError(
                 f"{source.path}: unknown format {source.format!r} ({', '.join(RENDERERS)})"
             )
-        if not Path(source.path).is_file():
-            raise UserError(f"{source.path}: no such data file")
+        check_source(source)
         if not source.weight >= 0:
             raise UserError(f"{source.path}: weight must be >= 0, not {source.weight}")
     if sum(source.weight for source in sources) <= 0:

@@ -4,17 +4,19 @@ A recipe names the model to start from, the data sources and their mixture weigh
 frozen, the optimizer and schedule, steps, batch, sequence length, checkpointing and the output
 folder. See train/recipes/ for examples.
 
-Paths: `model`, `out` and each data source's `path` are relative to the recipe file's folder,
-never to the working directory (`~` is the home folder), and are kept as absolute paths, so the
-same recipe read through another path, or from another working directory, reads the same data
-and resumes the same run. A `model` that is no local folder but has the shape of a hub repo id
-("owner/name") stays a repo id. `--out` on the command line is relative to the working
-directory, as command-line paths are.
+Paths: `model`, `out` and each data source's `path` (a file, a brace pattern or a list) and
+`images` are relative to the recipe file's folder, never to the working directory (`~` is the
+home folder), and are kept as absolute paths, so the same recipe read through another path, or
+from another working directory, reads the same data and resumes the same run. A `model` that
+is no local folder but has the shape of a hub repo id ("owner/name") stays a repo id. `--out`
+on the command line is relative to the working directory, as command-line paths are.
 
 Every value is checked as the recipe is read, before any model is loaded or folder made: its
 type (a number is no string, a flag is true or false, a table is a table), its range (finite,
-positive where it must be) or its choices, and that the data files exist. A bad value is a
-one-line UserError naming its key, e.g. `optimizer.lr`, and what is allowed.
+positive where it must be) or its choices, and that the data files exist and hold what each
+source's settings name (train/sources.py's check_source: parquet columns, image folders or zips,
+settings of another kind of source). A bad value is a one-line UserError naming its key, e.g.
+`optimizer.lr` or `data.sources[1].image_column`, and what is allowed.
 """
 
 import dataclasses
@@ -29,6 +31,7 @@ from mm1_mlx.quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mm1_mlx.rules import FLAG, TEXT, Rule, choice, integer, number
 from mm1_mlx.train.data import LOSS_WEIGHTINGS, RENDERERS, SourceConfig
 from mm1_mlx.train.optim import DECAYS, MODULES, OPTIMIZERS, ModuleSettings
+from mm1_mlx.train.sources import MAX_SHUFFLE_BUFFER, SourceError, check_source
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,6 +128,12 @@ BETAS = Rule(
     lambda value: tuple(map(float, value)),
 )
 POSITIVE = number(0, open_low=True)
+DATA_PATH = Rule(
+    "a file, a brace pattern (shards/{000..009}.tar) or a non-empty list of files",
+    lambda value: (
+        TEXT.test(value) or (isinstance(value, list) and bool(value) and all(map(TEXT.test, value)))
+    ),
+)
 NON_NEGATIVE = number(0)
 
 RULES: dict[tuple[type, str], Rule] = {
@@ -137,9 +146,15 @@ RULES: dict[tuple[type, str], Rule] = {
     (DataSettings, "loss_weighting"): choice(LOSS_WEIGHTINGS),
     (DataSettings, "split_images"): FLAG,
     (DataSettings, "strict"): FLAG,
-    (SourceConfig, "path"): TEXT,
+    (SourceConfig, "path"): DATA_PATH,
     (SourceConfig, "format"): choice(tuple(RENDERERS)),
     (SourceConfig, "weight"): POSITIVE,
+    # What each kind of source takes, and what its files hold: check_source.
+    (SourceConfig, "shuffle_buffer"): integer(0, MAX_SHUFFLE_BUFFER),
+    (SourceConfig, "images"): TEXT,
+    (SourceConfig, "caption_field"): TEXT,
+    (SourceConfig, "image_column"): TEXT,
+    (SourceConfig, "text_column"): TEXT,
     (OptimizerSettings, "name"): choice(OPTIMIZERS),
     (OptimizerSettings, "lr"): or_mm1(POSITIVE),
     (OptimizerSettings, "weight_decay"): or_mm1(NON_NEGATIVE),
@@ -308,10 +323,25 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.out = str(_writable_folder(local(recipe.out)))
     for key in ("sources", "validation"):
         for index, source in enumerate(getattr(recipe.data, key)):
-            source.path = str(local(source.path))
-            if not Path(source.path).is_file():
-                raise UserError(f"data.{key}[{index}].path: {source.path}: no such data file")
+            _resolve_source(source, local)
+            try:
+                check_source(source)
+            except SourceError as error:
+                raise UserError(f"data.{key}[{index}].{error.key}: {error.detail}") from None
     return recipe
+
+
+def _resolve_source(source: SourceConfig, local) -> None:
+    """A source's paths made absolute. A brace pattern is joined to the recipe's folder, not
+    resolved: resolving would read a brace group with a "/" in it as folders."""
+    if isinstance(source.path, list):
+        source.path = [str(local(path)) for path in source.path]
+    elif "{" in source.path:
+        source.path = str(local(".") / Path(source.path).expanduser())
+    else:
+        source.path = str(local(source.path))
+    if source.images is not None:
+        source.images = str(local(source.images))
 
 
 def _is_repo_id(value: str) -> bool:
