@@ -399,3 +399,12 @@ def test_mmmu_open_answers_written_as_a_list(tmp_path):
     example = list(runner.read_examples(TASKS["mmmu"], [path], False))[1]
     assert example.reference.answers == ["1.5", "1.50"]
     assert TASKS["mmmu"].score("so it is 1.5", example) == 1.0
+
+
+def test_rows_count_on_over_several_files(tmp_path):
+    columns = dict(CASES["scienceqa_img"][0])
+    first = write_parquet(tmp_path / "a.parquet", columns)
+    second = write_parquet(tmp_path / "b.parquet", columns)
+    examples = list(runner.read_examples(TASKS["scienceqa_img"], [first, second], False))
+    assert [e.id for e in examples] == [0, 1, 2, 3]  # ids over the files
+    assert examples[3].origin == f"{second} row 1"  # places within each file

@@ -78,22 +78,26 @@ def read_examples(
 ) -> Iterator[Example]:
     """The examples of `files` in order, at most `limit`, a few rows decoded at a time. Image
     columns are read only `with_images` (scoring saved predictions rarely needs them)."""
-    pq = import_parquet()
     columns = list(task.columns + (task.image_columns if with_images else ()))
-    count, index = 0, 0
+    count, index = 0, 0  # examples, and rows over all files (ids of tasks without one)
     for path in files:
-        try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
-            for batch in batches:
-                for row in batch.to_pylist():
-                    for example in task.examples(row, index, f"{path} row {index}"):
-                        if limit is not None and count >= limit:
-                            return
-                        count += 1
-                        yield example
-                    index += 1
-        except (OSError, ValueError) as error:
-            raise UserError(f"{path}: not a readable parquet file ({error})") from None
+        for number, row in enumerate(parquet_rows(path, columns)):
+            for example in task.examples(row, index, f"{path} row {number}"):
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield example
+            index += 1
+
+
+def parquet_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """The rows of a parquet file as dicts, BATCH_ROWS decoded at a time."""
+    pq = import_parquet()
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            yield from batch.to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's errors derive from these
+        raise UserError(f"{path}: not a readable parquet file ({error})") from None
 
 
 # -- --out and --predictions ----------------------------------------------------------------
