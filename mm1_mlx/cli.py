@@ -512,17 +512,80 @@ def data_dense_pretrain(
     typer.echo(f"wrote {out}")
 
 
-@app.command("eval")
-def eval_(
-    data: Annotated[list[Path], typer.Option(help="Eval JSONL (repeatable).")],
+@data_app.command("inspect")
+def data_inspect(
+    source: Annotated[
+        str, typer.Argument(help="A data file, or tar shards as a brace pattern (a{00..09}.tar).")
+    ],
+    format: Annotated[
+        str | None,
+        typer.Option(help="caption, interleaved, text or chat (.tar: caption, .json: chat)."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="How many examples to show.")] = 3,
     model: Annotated[
         str | None, typer.Option(help="Model folder or hub id (default: the demo model).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="At most N examples per file.")] = None,
-    max_tokens: Annotated[int, MAX_TOKENS] = 32,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    images: Annotated[
+        str | None, typer.Option(help="Image folder, .zip, or folder in a .zip (a.zip/train).")
+    ] = None,
+    image_column: Annotated[str | None, typer.Option(help="Parquet: the images' column.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Parquet: the text's column.")] = None,
+    caption_field: Annotated[
+        str | None, typer.Option(help="Tar: KEY.json's caption field.")
+    ] = None,
 ) -> None:
-    """Per-task accuracy: exact match after trimming and lower-casing; boxes by IoU >= 0.5."""
+    """Show a source's first examples as training sees them: the text, where images go, and
+    the tokens that carry loss between ⟦ ⟧."""
+    from mm1_mlx.train.inspect import InspectSettings, inspect_source
+
+    settings = InspectSettings(source, format, images, caption_field, image_column, text_column)
+    inspect_source(settings, model, n)
+
+
+@app.command("eval")
+def eval_(
+    data: Annotated[
+        list[Path],
+        typer.Option(help="Eval JSONL, or with --task the benchmark's parquet files (repeatable)."),
+    ],
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="A benchmark: vqav2, textvqa, docvqa, mmmu, scienceqa_img, refcoco, screenspot."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model folder or hub id (default: the demo model).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most N examples per file (--task: in all).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Most tokens per answer (32; --task: the task's).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="--task: a JSON line per example, as it comes; a rerun resumes it."),
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(help='--task: score these {"id", "answer"} lines instead of a model.'),
+    ] = None,
+) -> None:
+    """Per-task accuracy on the synthetic world's JSONL: exact match after trimming and
+    lower-casing; boxes by IoU >= 0.5. With --task, a standard benchmark from its parquet
+    files, prompted and scored as lmms-eval does (VQA accuracy, ANLS, MMMU's answer parsing,
+    box IoU, point in box)."""
+    if task is not None:
+        from mm1_mlx.tasks.command import BenchmarkRun, evaluate_benchmark
+
+        settings = (model, predictions, limit, out, max_tokens, json_out)
+        evaluate_benchmark(BenchmarkRun(task, data, *settings))
+        return
+    if out is not None or predictions is not None:
+        raise UserError("--out and --predictions go with --task")
+    max_tokens = 32 if max_tokens is None else max_tokens
     import json
 
     from rich.console import Console
