@@ -5,7 +5,8 @@ Debian's OpenBLAS into the global symbol scope *before* `mlx.core` is imported m
 `cblas_*` calls resolve to it (~30-50x faster). OpenBLAS picks its kernels when it loads, from
 `OPENBLAS_CORETYPE`, so we set that from the CPU flags first (its own detection can fall back
 to slow generic kernels on virtual machines). Nothing happens when OpenBLAS is missing, when
-`MM1_MLX_OPENBLAS=0`, or when mlx was imported before us (then it is too late).
+`MM1_MLX_OPENBLAS=0`, or when mlx was imported before us (then it is too late: a
+warning says so).
 """
 
 import ctypes
@@ -13,6 +14,7 @@ import ctypes.util
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 _CANDIDATES = (
@@ -58,10 +60,16 @@ def load_openblas() -> str | None:
     """Load OpenBLAS globally; returns the library path, or None if it was not loaded."""
     if sys.platform != "linux" or os.environ.get("MM1_MLX_OPENBLAS", "1") == "0":
         return None
-    if "mlx.core" in sys.modules:
-        return None
     path = _library_path()
     if path is None:
+        return None
+    if "mlx.core" in sys.modules:
+        # Silent, this costs ~35x on every fp32 matmul: say so once, where it can be fixed.
+        warnings.warn(
+            "mlx was imported before mm1_mlx, so MLX keeps its slow reference BLAS: "
+            "import mm1_mlx first (or set MM1_MLX_OPENBLAS=0 to silence this)",
+            stacklevel=3,
+        )
         return None
     core_type = _this_core_type()
     if core_type is not None:

@@ -20,15 +20,18 @@ print(mm1_mlx.OPENBLAS, error)
 """
 
 
-def probe(env: dict[str, str], prelude: str = "") -> tuple[str, float]:
-    result = subprocess.run(
+def run_probe(env: dict[str, str], prelude: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-c", prelude + PROBE],
         env={**os.environ, **env},
         check=True,
         capture_output=True,
         text=True,
     )
-    library, error = result.stdout.split()
+
+
+def probe(env: dict[str, str], prelude: str = "") -> tuple[str, float]:
+    library, error = run_probe(env, prelude).stdout.split()
     return library, float(error)
 
 
@@ -46,6 +49,16 @@ def test_it_can_be_turned_off_and_is_skipped_after_mlx():
     assert probe({"MM1_MLX_OPENBLAS": "0"})[0] == "None"
     library, error = probe({}, prelude="import mlx.core\n")
     assert library == "None" and error < 1e-3
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not has_openblas, reason="needs Linux OpenBLAS")
+def test_importing_mlx_first_is_warned_about():
+    assert "import mm1_mlx first" in run_probe({}, prelude="import mlx.core\n").stderr
+    assert "import mm1_mlx first" not in run_probe({}).stderr
+    assert (
+        "import mm1_mlx first"
+        not in run_probe({"MM1_MLX_OPENBLAS": "0"}, "import mlx.core\n").stderr
+    )
 
 
 AVX512 = "fpu sse4_2 avx avx2 fma avx512f avx512dq avx512bw avx512vl"
