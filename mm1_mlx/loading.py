@@ -232,6 +232,15 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
                     folder.rmdir()
 
 
+def import_parquet():
+    """pyarrow.parquet, from the `data` extra (parquet sources and benchmark files)."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError("parquet files need pyarrow: pip install 'mm1-mlx[data]'") from None
+    return pyarrow.parquet
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file through a temporary sibling, so it appears whole or not at all."""
     path = Path(path)

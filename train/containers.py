@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mm1_mlx.jsonl import BadLine, check_strings, parse_object
+from mm1_mlx.loading import import_parquet
 from mm1_mlx.processor import ImageBytes
 from mm1_mlx.train.sources import (
     IMAGE_SUFFIXES,
@@ -127,8 +128,7 @@ def tar_position_ok(path: Path, offset: int) -> bool:
 
 def read_parquet(files: list[Path], start: Position, source: SourceConfig) -> Iterator[Read]:
     """Rows from `start`, a row group at a time (the hub's image datasets keep them small)."""
-    import pyarrow.parquet as pq
-
+    pq = import_parquet()
     image_column, text_column = parquet_columns(source)
     columns = [column for column in (image_column, text_column) if column]
     for index in range(start.file, len(files)):
@@ -362,6 +362,4 @@ def position_ok(kind: str, files: list[Path], position: Position) -> bool:
         return tar_position_ok(path, position.offset)
     if kind == "json":
         return json_position_ok(path, position.offset)
-    import pyarrow.parquet as pq
-
-    return position.offset <= pq.ParquetFile(path).metadata.num_rows
+    return position.offset <= import_parquet().ParquetFile(path).metadata.num_rows

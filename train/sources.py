@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from mm1_mlx.errors import UserError
+from mm1_mlx.loading import import_parquet
 from mm1_mlx.processor import ImageBytes
 
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -303,15 +304,6 @@ def check_columns(files: list[Path], source: SourceConfig) -> None:
             if not test(schema.field(column).type):
                 found = schema.field(column).type
                 raise SourceError(key, f"{file}'s {column!r} holds {found}, not {allowed}")
-
-
-def import_parquet():
-    """pyarrow.parquet, from the `data` extra."""
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError("parquet sources need pyarrow: pip install 'mm1-mlx[data]'") from None
-    return pyarrow.parquet
 
 
 def parquet_columns(source: SourceConfig) -> tuple[str | None, str]:

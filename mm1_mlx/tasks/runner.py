@@ -15,20 +15,12 @@ from typing import IO, Any
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import generate
 from mm1_mlx.jsonl import BadLine, parse_object
+from mm1_mlx.loading import import_parquet
 from mm1_mlx.tasks.definitions import Example, Task
 
 BATCH_ROWS = 16  # rows decoded at a time: image datasets hold ~100 kB to 1 MB per row
 
 Answer = Callable[[Example], str | None]  # None: no answer to score (no saved prediction)
-
-
-def import_parquet():
-    """pyarrow.parquet, from the `data` extra."""
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError("benchmark files need pyarrow: pip install 'mm1-mlx[data]'") from None
-    return pyarrow.parquet
 
 
 # -- the data files -------------------------------------------------------------------------
