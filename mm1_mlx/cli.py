@@ -592,7 +592,7 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
-    from mm1_mlx.evaluate import evaluate, load_examples
+    from mm1_mlx.evaluate import check_prompts, evaluate, load_examples
     from mm1_mlx.loading import check_file_writable, load, model_or_default, write_text_atomic
 
     if json_out is not None:
@@ -600,6 +600,7 @@ def eval_(
     model = model_or_default(model)
     examples = [example for path in data for example in load_examples(path, limit)]
     loaded, processor = load(model)
+    check_prompts(loaded, processor, examples)
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn()) as progress:
         task = progress.add_task("eval", total=len(examples))
         report = evaluate(

@@ -13,7 +13,7 @@ from typing import Any
 
 from mm1_mlx.boxes import COORDINATE_MAX, ParsedBox, Size, parse_boxes
 from mm1_mlx.errors import UserError
-from mm1_mlx.generate import generate
+from mm1_mlx.generate import check_context, generate, model_context
 from mm1_mlx.jsonl import BadLine, parse_object
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import Processor, read_image_size
@@ -29,6 +29,7 @@ class EvalExample:
     messages: list[dict[str, Any]]  # ends with the user's question
     answer: str
     origin: str  # "file:line"
+    image_sizes: list[Size] = field(default_factory=list)  # (width, height), from the headers
 
 
 @dataclass
@@ -152,12 +153,13 @@ def parse_example(line: bytes | str, folder: Path, origin: str) -> EvalExample:
             f"{origin}: 'messages' is a list of {{role, content}} turns ending with the user's"
         )
     paths = [folder / image for image in images]
+    sizes = []
     for image in paths:  # its header: a file that is no image fails before the model loads
         try:
-            read_image_size(image)
+            sizes.append(read_image_size(image))
         except UserError as error:
             raise UserError(f"{origin}: {error}") from None
-    return EvalExample(task, paths, messages, answer, origin)
+    return EvalExample(task, paths, messages, answer, origin, sizes)
 
 
 def valid_messages(messages: Any) -> bool:
@@ -173,6 +175,21 @@ def valid_messages(messages: Any) -> bool:
 
 
 # -- evaluating -----------------------------------------------------------------------------
+
+
+def check_prompts(model: MM1Model, processor: Processor, examples: list[EvalExample]) -> None:
+    """Lay out every example's prompt from its images' headers, before any is answered: image
+    markers that do not match the images, or a prompt over the model's context, fail here
+    naming the line rather than after the lines before it were answered."""
+    context = model_context(model)
+    for example in examples:
+        try:
+            messages, _ = processor.flatten_messages(example.messages, example.images)
+            text = processor.render(messages, add_generation_prompt=True)
+            grids = processor.image_grids(example.image_sizes)
+            check_context(len(processor.layout_ids(text, grids)), context)
+        except UserError as error:
+            raise UserError(f"{example.origin}: {error}") from None
 
 
 def evaluate(
@@ -192,9 +209,7 @@ def evaluate(
         except UserError as error:  # e.g. image markers that do not match the images
             raise UserError(f"{example.origin}: {error}") from None
         # Boxes are about the first image; without one they stay in 0-1000 coordinates.
-        size = (COORDINATE_MAX, COORDINATE_MAX)
-        if example.images:
-            size = read_image_size(example.images[0])
+        size = example.image_sizes[0] if example.images else (COORDINATE_MAX, COORDINATE_MAX)
         report.results.append(
             Result(example, prediction, is_correct(prediction, example.answer, size))
         )

@@ -164,6 +164,11 @@ CASES = [
     ("dense-pretrain: scenes nested 100k deep", ["data", "dense-pretrain", "{model}", "--scenes",
                                                  "{deep_jsonl}", "--out", "{out}"], "too deeply"),
     ("train: recipe nested 50k deep", ["train", "{deep_toml}"], "nested too deeply"),
+    ("eval: a later line's markers do not match its images", [*EVAL, "--data", "{markers}"],
+     "markers.jsonl:2: the prompt has 2 <image> markers but 1 images"),
+    ("eval: a later line over the context", ["eval", "--model", "{model}", "--data",
+                                              "{long_prompt}"],
+     "long_prompt.jsonl:2: the prompt is"),
 ]  # fmt: skip
 
 
@@ -176,7 +181,13 @@ def inputs(tiny_model_dir, tmp_path_factory):
     text.write_text("not an image")
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "image.png")
     example = {"task": "t", "messages": [{"role": "user", "content": "Hi?"}], "answer": "a"}
-    (root / "eval.jsonl").write_text(json.dumps({**example, "images": ["image.png"]}) + "\n")
+    one_marker = [{"role": "user", "content": "<image>\nHi?"}]
+    eval_line = {**example, "images": ["image.png"], "messages": one_marker}
+    (root / "eval.jsonl").write_text(json.dumps(eval_line) + "\n")
+    two_markers = [{"role": "user", "content": "<image>\n<image>\nHi?"}]
+    write_lines(root / "markers.jsonl", [eval_line, {**eval_line, "messages": two_markers}])
+    long_question = [{"role": "user", "content": "<image>\n" + "one two three four " * 200}]
+    write_lines(root / "long_prompt.jsonl", [eval_line, {**eval_line, "messages": long_question}])
     (root / "text_image.jsonl").write_text(json.dumps({**example, "images": ["notes.png"]}) + "\n")
     (root / "data.jsonl").write_text(json.dumps({"text": "a red circle"}) + "\n")
     (root / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
@@ -218,7 +229,13 @@ def inputs(tiny_model_dir, tmp_path_factory):
         "not_utf8": root / "not_utf8.jsonl",
         "long_name": root / "long_name.jsonl",
         "image": root / "image.png",
+        "markers": root / "markers.jsonl",
+        "long_prompt": root / "long_prompt.jsonl",
     }
+
+
+def write_lines(path, records) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
 def snapshot(*folders) -> dict:
@@ -242,6 +259,16 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, case, argv, 
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
     assert snapshot(*watched) == before
+
+
+def test_eval_checks_every_line_before_answering_any(inputs, monkeypatch):
+    from mm1_mlx import evaluate
+
+    answered = []
+    monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: answered.append(args))
+    code, _, err = run_cli(*[a.format(**inputs) for a in EVAL], "--data", str(inputs["markers"]))
+    assert code != 0 and "markers.jsonl:2" in err, err
+    assert answered == []
 
 
 def test_app_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
