@@ -1,13 +1,14 @@
 "use strict";
 // The chat page. It keeps the conversation (text, and images as data URLs) and sends all of it
 // with every question to the server's OpenAI-compatible /v1/chat/completions, streamed back as
-// server-sent events. Boxes, [x1, y1, x2, y2] on a 0-1000 grid over the image, are drawn over
-// the image their message is about: the last image sent up to that message.
+// server-sent events. Boxes, [x1, y1, x2, y2] in integers from 0 to COORDINATE_MAX across the
+// image's width and height, are drawn over the image their message is about: the last image
+// sent up to that message.
 
-const GRID = 1000;
+const COORDINATE_MAX = 1000; // as mm1_mlx.boxes: 0..1000 across the image's width and height
 const NUMBER = String.raw`\s*(-?\d+(?:\.\d+)?)\s*`;
 const BOX = new RegExp(String.raw`\[${NUMBER},${NUMBER},${NUMBER},${NUMBER}\]`, "g");
-const MIN_REGION = 8; // grid steps: a smaller drag is a click, not a region
+const MIN_REGION = 8; // coordinate steps: a smaller drag is a click, not a region
 const COLORS = 6; // box colours .c0 to .c5 in style.css
 const LABEL_CHARS = 28;
 
@@ -23,12 +24,12 @@ function make(tag, className, text = "") {
 
 // -- boxes ---------------------------------------------------------------------------------
 
-const clampGrid = (value) => Math.min(GRID, Math.max(0, value));
-const percent = (grid) => `${grid / (GRID / 100)}%`;
+const clampCoordinate = (value) => Math.min(COORDINATE_MAX, Math.max(0, value));
+const percent = (coordinate) => `${coordinate / (COORDINATE_MAX / 100)}%`;
 
 function parseBoxes(text) {
   return [...text.matchAll(BOX)].map((match) => {
-    const [x1, y1, x2, y2] = match.slice(1).map((value) => clampGrid(Number(value)));
+    const [x1, y1, x2, y2] = match.slice(1).map((value) => clampCoordinate(Number(value)));
     const box = [Math.min(x1, x2), Math.min(y1, y2), Math.max(x1, x2), Math.max(y1, y2)];
     return { box, start: match.index, end: match.index + match[0].length };
   });
@@ -65,7 +66,8 @@ function drawBoxes(shot, text, found) {
       place(frame, box);
       const label = make("span", "", boxLabel(text, found, i));
       label.classList.toggle("inside", box[1] < 80); // no room above the box
-      label.classList.toggle("right", box[0] > GRID / 2); // grows leftwards, inside the image
+      // grows leftwards, inside the image
+      label.classList.toggle("right", box[0] > COORDINATE_MAX / 2);
       frame.append(label);
       return frame;
     }),
@@ -138,8 +140,8 @@ function startRegion(event) {
   event.preventDefault();
   const frame = shot.querySelector("img").getBoundingClientRect();
   const at = (e) => [
-    clampGrid(((e.clientX - frame.left) / frame.width) * GRID),
-    clampGrid(((e.clientY - frame.top) / frame.height) * GRID),
+    clampCoordinate(((e.clientX - frame.left) / frame.width) * COORDINATE_MAX),
+    clampCoordinate(((e.clientY - frame.top) / frame.height) * COORDINATE_MAX),
   ];
   const [x0, y0] = at(event);
   const marquee = make("div", "marquee");
