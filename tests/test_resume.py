@@ -14,6 +14,7 @@ from test_train import losses, prepared_workdir
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.train import trainer
+from mm1_mlx.train.data import DataLoader
 from mm1_mlx.train.optim import ModuleSettings
 from mm1_mlx.train.recipe import LoraSettings, load_recipe
 from mm1_mlx.train.trainer import train
@@ -232,11 +233,11 @@ def steps_that(monkeypatch, at_call: int, action) -> None:
     def make_acting(*args):
         step, calls = make(*args), []
 
-        def acting(batches):
+        def acting(batches, *more):
             calls.append(batches)
             if len(calls) == at_call:
                 action()
-            return step(batches)
+            return step(batches, *more)
 
         return acting
 
@@ -255,6 +256,58 @@ def test_a_stop_inside_a_step_keeps_its_metrics_line(runs, tmp_path, monkeypatch
     monkeypatch.undo()
     train(recipe, resume=True)
     assert losses(tmp_path / "run") == losses(runs / "whole")
+
+
+def loads_that(monkeypatch, at_call: int, action) -> None:
+    """The data loader runs `action()` first on its `at_call`-th batch."""
+    next_batch, calls = DataLoader.next_batch, []
+
+    def acting(loader):
+        calls.append(loader)
+        if len(calls) == at_call:
+            action()
+        return next_batch(loader)
+
+    monkeypatch.setattr(DataLoader, "next_batch", acting)
+
+
+MICRO_BATCHES = ["train.steps=4", "train.grad_accumulation=3", "log.eval_every=0"]
+STOP_IN_STEP_3 = {  # 3 micro-batches a step: the 8th batch loaded is step 3's second
+    "while its micro-batches load": lambda monkeypatch, stop: loads_that(monkeypatch, 8, stop),
+    "while it computes them": lambda monkeypatch, stop: steps_that(monkeypatch, 3, stop),
+}
+
+
+@pytest.fixture(scope="module")
+def accumulating(runs) -> Path:
+    """The tiny pre-training run, 4 steps of 3 micro-batches each, whole."""
+    train(load_recipe(runs / "tiny-pretrain.toml", MICRO_BATCHES, out=runs / "accumulating"))
+    return runs / "accumulating"
+
+
+@pytest.mark.parametrize("where", STOP_IN_STEP_3)
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_one_stop_between_micro_batches_saves_the_last_whole_step(
+    runs, accumulating, tmp_path, monkeypatch, where, stop
+):
+    STOP_IN_STEP_3[where](monkeypatch, lambda: os.kill(os.getpid(), stop))
+    recipe = load_recipe(runs / "tiny-pretrain.toml", MICRO_BATCHES, out=tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 2"):
+        train(recipe)
+    assert list(losses(tmp_path / "run")) == [1, 2]
+    assert [p.name for p in trainer.checkpoint_dirs(tmp_path / "run")] == ["step-0000002"]
+    monkeypatch.undo()
+    train(recipe, resume=True)
+    assert losses(tmp_path / "run") == losses(accumulating)
+
+
+def test_grad_accumulation_past_the_cap_is_refused_first(runs, tmp_path):
+    recipe = pretrain(runs, "unused")
+    recipe.out = str(tmp_path / "run")
+    recipe.train.grad_accumulation = 1_000_000
+    with pytest.raises(UserError, match="train.grad_accumulation must be at most 1,024, not"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
 
 
 # -- failed runs --------------------------------------------------------------------------------

@@ -156,10 +156,13 @@ def make_train_step(
     loss_and_grad = nn.value_and_grad(model, objective)
     update = compiled_update(model, optimizer, settings.grad_clip)
 
-    def step(batches: list[Batch]) -> tuple[float, float]:
+    def step(
+        batches: list[Batch], between: Callable[[], None] = lambda: None
+    ) -> tuple[float, float]:
         """One optimizer step; returns (mean cross-entropy, gradient norm) over the global batch.
         The host waits once, for the update; the ranks exchange one weight and one gradient
-        message (per BUCKET_BYTES)."""
+        message (per BUCKET_BYTES). `between()` runs between micro-batches, before the update:
+        it may raise to abandon the step, which then changed nothing."""
         local_weight = mx.array(sum(float(b.weights.sum()) for b in batches))
         total_weight = mx.distributed.all_sum(local_weight, group=group)
         share = 1.0 / (len(batches) * group.size())
@@ -170,6 +173,7 @@ def make_train_step(
             cross_entropy = cross_entropy + batch_ce
             if index < len(batches) - 1:  # keep one micro-batch's activations at a time
                 mx.eval(grads, cross_entropy)
+                between()
         grads, cross_entropy = sum_over_ranks((grads, cross_entropy), group)
         norm = update(grads)
         mx.eval(model.parameters(), optimizer.state, norm, cross_entropy, total_weight)
@@ -206,10 +210,11 @@ class StepAbandoned(KeyboardInterrupt):
 
 
 class HeldStops:
-    """Ctrl-C and SIGTERM while a run trains are held until the step ends: the checkpoint then
-    written never holds weights a step ahead of its step count and data position, and every
-    rank stops at the same step (they agree on it, whichever ranks the signal reached). A
-    second signal stops at once (StepAbandoned), should the step not end."""
+    """Ctrl-C and SIGTERM while a run trains are held until the step ends, or until its next
+    micro-batch (a step of many is abandoned before its update, and the last whole step is
+    saved): the checkpoint then written never holds weights a step ahead of its step count and
+    data position, and every rank stops at the same point (they agree on it, whichever ranks
+    the signal reached). A second signal stops at once (StepAbandoned), should neither come."""
 
     def __init__(self, group: Any = None):
         self.group = group
@@ -594,12 +599,13 @@ class Run:
 def train_steps(
     run: Run,
     start: int,
-    train_step: Callable[[list[Batch]], tuple[float, float]],
+    train_step: Callable[..., tuple[float, float]],
     reporter: Callable[[int, dict], None] | None,
 ) -> int:
     """Steps from `start` to the recipe's last; returns the last. On Ctrl-C or SIGTERM the
-    current step ends with its metrics line and checkpoint, so the metrics file and the
-    checkpoints agree, and a checkpoint of the step reached is saved."""
+    current step ends with its metrics line and checkpoint (or, with micro-batches still to
+    come, is abandoned before its update), so the metrics file and the checkpoints agree, and
+    a checkpoint of the last whole step is saved."""
     recipe, model = run.recipe, run.model
     metrics = MetricsLog(run.out / METRICS, start, run.is_main)
     model.train()  # LoRA dropout on
@@ -608,11 +614,12 @@ def train_steps(
     try:
         checkpointing = gradient_checkpointing(model, recipe.train.gradient_checkpointing)
         with HeldStops(run.group) as stops, checkpointing:
+            between = stop_between_micro_batches(stops)
             while step < recipe.train.steps:
                 mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
                 began = time.perf_counter()
-                batches = [run.loader.next_batch() for _ in range(recipe.train.grad_accumulation)]
-                loss, grad_norm = train_step(batches)
+                batches = micro_batches(run.loader, recipe.train.grad_accumulation, between)
+                loss, grad_norm = train_step(batches, between)
                 check_finite(loss, step + 1)
                 step += 1
                 data_state = run.loader.state_dict()
@@ -637,6 +644,27 @@ def train_steps(
     return step
 
 
+def stop_between_micro_batches(stops: HeldStops) -> Callable[[], None]:
+    """Raises KeyboardInterrupt when a stop was received: the weights are still those of the
+    last whole step, which the interrupted run saves."""
+
+    def between() -> None:
+        if stops.stop_now():
+            raise KeyboardInterrupt
+
+    return between
+
+
+def micro_batches(loader: DataLoader, count: int, between: Callable[[], None]) -> list[Batch]:
+    """The step's `count` micro-batches, `between()` before each but the first."""
+    batches: list[Batch] = []
+    for index in range(count):
+        if index:
+            between()
+        batches.append(loader.next_batch())
+    return batches
+
+
 def check_finite(loss: float, step: int) -> None:
     """A loss that is not finite ends the run: every later step would be NaN too."""
     if not math.isfinite(loss):
@@ -648,6 +676,20 @@ def check_finite(loss: float, step: int) -> None:
 
 def logged(recipe: Recipe, step: int, values: dict) -> bool:
     return step % recipe.log.every == 0 or "val_loss" in values or step == recipe.train.steps
+
+
+# A step holds all its micro-batches (pixels included) at once: the loss is normalised by the
+# weight of the whole global batch before the first backward pass.
+MAX_GRAD_ACCUMULATION = 1024
+
+
+def check_grad_accumulation(recipe: Recipe) -> None:
+    count = recipe.train.grad_accumulation
+    if count > MAX_GRAD_ACCUMULATION:
+        raise UserError(
+            f"train.grad_accumulation must be at most {MAX_GRAD_ACCUMULATION:,}, not {count:,}: "
+            "a step holds all its micro-batches in memory (raise data.batch_size instead)"
+        )
 
 
 def check_memory(recipe: Recipe, model: MM1Model, ranks: int) -> None:
@@ -682,6 +724,7 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
         )
     if not recipe.data.sources:
         raise UserError("the recipe has no data sources ([[data.sources]])")
+    check_grad_accumulation(recipe)
 
     model, processor = prepare_model(recipe)
     if not tree_flatten(model.trainable_parameters()):
