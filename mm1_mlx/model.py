@@ -16,6 +16,7 @@ from mm1_mlx.connectors import build_connector
 from mm1_mlx.decoder import build_decoder
 from mm1_mlx.errors import UserError
 from mm1_mlx.vision import VisionTransformer
+from mm1_mlx.wrappers import checkpoint_layers
 
 
 class MM1Model(nn.Module):
@@ -86,6 +87,13 @@ class MM1Model(nn.Module):
     ) -> mx.array:
         embeddings = self.embed(input_ids, pixels, image_features)
         return self.decoder(input_ids, cache=cache, input_embeddings=embeddings)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each ViT block's and decoder layer's activations in the backward pass
+        instead of keeping them: less memory for about one more forward pass of compute.
+        Parameter paths stay the same; decoder layers are put in `Checkpointed`."""
+        self.vision.checkpoint_blocks = enabled
+        checkpoint_layers(self.decoder, self.decoder.layers, enabled)
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.decoder)

@@ -90,6 +90,8 @@ class VisionTransformer(nn.Module):
         if config.pre_norm:
             self.ln_pre = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.blocks = [Block(config) for _ in range(config.layers)]
+        # Recompute each block's activations in the backward pass instead of keeping them.
+        self.checkpoint_blocks = False
         self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
     def position_embeddings(self, grid_height: int, grid_width: int) -> mx.array:
@@ -126,7 +128,8 @@ class VisionTransformer(nn.Module):
             x = self.ln_pre(x)
         hidden_states = [x]
         for block in self.blocks[: self.num_blocks_run]:
-            hidden_states.append(block(hidden_states[-1]))
+            run = nn.utils.checkpoint(block) if self.checkpoint_blocks else block
+            hidden_states.append(run(hidden_states[-1]))
         features = [self.features(hidden_states[i]) for i in feature_states(self.config)]
         return features[0] if len(features) == 1 else mx.concatenate(features, axis=-1)
 

@@ -14,7 +14,6 @@ Linear `gate` or `router` (quantized or with LoRA) that gives the logits, and `t
 blocks whose router picks the experts itself (DeepSeek's MoEGate) are refused.
 """
 
-import functools
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -22,6 +21,7 @@ import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
 from mm1_mlx.errors import UserError
+from mm1_mlx.wrappers import ModuleWrapper
 
 ROUTER_NAMES = ("gate", "router")
 TOP_K_NAMES = ("top_k", "num_experts_per_tok")
@@ -29,23 +29,25 @@ ROUTER_LAYERS = (nn.Linear, nn.QuantizedLinear, LoRALinear)  # LoRA on "mlp" wra
 
 
 class MoERouter(NamedTuple):
-    """One MoE block's router and how many experts it sends each token to."""
+    """Where an MoE block holds its router (`block[name]`), and how many experts it sends each
+    token to."""
 
-    module: nn.Module
-    router_class: type
+    block: nn.Module
+    name: str
     top_k: int
 
 
-@functools.cache
-def recording_class(router_class: type) -> type:
-    """A subclass of the router's class whose calls also hand the logits to `record_logits`."""
+class RecordedRouter(ModuleWrapper):
+    """A router that also hands its logits to `record`; its parameter paths are the router's."""
+
+    def __init__(self, router: nn.Module, record):
+        super().__init__(router)
+        self.record = record
 
     def __call__(self, x: mx.array) -> mx.array:
-        logits = router_class.__call__(self, x)
-        self.record_logits(logits)
+        logits = self.call_wrapped(x)
+        self.record(logits)
         return logits
-
-    return type(f"Recording{router_class.__name__}", (router_class,), {"__call__": __call__})
 
 
 def find_routers(model: nn.Module) -> list[MoERouter]:
@@ -53,16 +55,14 @@ def find_routers(model: nn.Module) -> list[MoERouter]:
     for path, block in model.named_modules():
         if "switch_mlp" not in block:
             continue
-        router = next(
-            (block[n] for n in ROUTER_NAMES if isinstance(block.get(n), ROUTER_LAYERS)), None
-        )
+        name = next((n for n in ROUTER_NAMES if isinstance(block.get(n), ROUTER_LAYERS)), None)
         top_k = next((getattr(block, n) for n in TOP_K_NAMES if hasattr(block, n)), None)
-        if router is None or top_k is None:
+        if name is None or top_k is None:
             raise UserError(
                 f"{path}: {type(block).__name__} has no router giving logits; "
                 "router losses support MoE blocks like Mixtral's and Qwen3-MoE's"
             )
-        routers.append(MoERouter(router, type(router), top_k))
+        routers.append(MoERouter(block, name, top_k))
     return routers
 
 
@@ -89,7 +89,7 @@ class RouterLosses:
     `with router_losses.masking(mask):` instead leaves out padding: `mask` is 1 on real tokens
     and 0 on padding, shaped like the input ids.
 
-    It holds the routers it finds: create it after quantizing the model or adding LoRA layers.
+    Inside the block each router is a `RecordedRouter`; outside it is the plain router again.
     For a dense decoder it does nothing and its loss is 0.
     """
 
@@ -109,18 +109,16 @@ class RouterLosses:
         return self
 
     def __enter__(self) -> "RouterLosses":
-        # The routers' class is swapped, not the routers wrapped: parameter paths stay the same,
-        # as gradient checkpointing's recomputation (after the block is left) needs.
+        # For the forward pass only: a checkpointed layer's recomputation in the backward pass
+        # (after the block is left) runs the plain router, whose parameter paths are the same.
         self.router_logits = []
-        for module, router_class, top_k in self.routers:
-            module.record_logits = self.recorder(top_k)
-            module.__class__ = recording_class(router_class)
+        for block, name, top_k in self.routers:
+            block[name] = RecordedRouter(block[name], self.recorder(top_k))
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for module, router_class, _ in self.routers:
-            module.__class__ = router_class
-            del module.record_logits
+        for block, name, _ in self.routers:
+            block[name] = block[name].unwrap()
         self.token_mask = None
 
     def recorder(self, top_k: int):
