@@ -108,6 +108,12 @@ CASES = [
                                        "--eval-per-task", "-1"], "--eval-per-task"),
     ("synth: negative seed", [*SYNTH, "--out", "{out}", "--n", "2", "--seed", "-1"], "--seed"),
     ("synth: out under a file", [*SYNTH, "--out", "{file}/data", "--n", "2"], "is a file"),
+    ("synth: n past the cap", [*SYNTH, "--out", "{out}", "--n", "100000000000000"],
+     "--n must be from 1 to 200,000 training images, not 100,000,000,000,000"),
+    ("synth: n in exponent notation", [*SYNTH, "--out", "{out}", "--n", "1e14"], "--n"),
+    ("synth: eval per task past the cap", ["data", "synth", "--out", "{out}", "--n", "2",
+                                           "--eval-per-task", "10000000"],
+     "--eval-per-task must be from 0 to 10,000"),
     ("tokenizer: out is a file", ["data", "tokenizer", "{jsonl}", "--out", "{file}"],
      "already exists"),
     ("tokenizer: vocabulary too small", ["data", "tokenizer", "{jsonl}", "--out", "{out}",
@@ -269,6 +275,27 @@ def test_eval_checks_every_line_before_answering_any(inputs, monkeypatch):
     code, _, err = run_cli(*[a.format(**inputs) for a in EVAL], "--data", str(inputs["markers"]))
     assert code != 0 and "markers.jsonl:2" in err, err
     assert answered == []
+
+
+def test_synth_without_room_on_disk_is_refused_first(tmp_path, monkeypatch):
+    from mm1_mlx.train import synth
+
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, 0))
+    code, _, err = run_cli(*SYNTH, "--out", str(tmp_path / "data"), "--n", "10")
+    assert code != 0 and err.startswith("error: ") and "GB free" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_failing_to_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from mm1_mlx.train import synth
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synth, "write_jsonl", disk_full)
+    code, _, err = run_cli(*SYNTH, "--out", str(tmp_path / "data"), "--n", "2")
+    assert code != 0 and err.endswith("cannot be written (No space left on device)\n"), err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_app_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):

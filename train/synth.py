@@ -7,8 +7,9 @@ from one `random.Random` passed in, so a seed gives the same scenes, images and 
 
 import json
 import random
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -612,6 +613,47 @@ def replacing(out: Path, overwrite: bool) -> AbstractContextManager[Path]:
     return atomic_folder(Path(out), overwrite)
 
 
+# Every training scene and its records are held until the files that pair and shuffle them
+# are written (~6 KB each): the cap keeps that near a gigabyte. Image names have 6 and 5 digits.
+MAX_TRAINING_IMAGES = 200_000
+MAX_EVAL_PER_TASK = 10_000
+# On disk, about: a training image, its lines in five JSONL files; a held-out image, its line.
+TRAINING_BYTES = 8_000
+EVAL_BYTES = 5_000
+
+
+def check_counts(n: int, eval_per_task: int, out: Path) -> None:
+    """Refuse counts outside what write_dataset can hold, or more than the disk under `out`
+    has room for, before any scene is drawn."""
+    if not 1 <= n <= MAX_TRAINING_IMAGES:
+        raise UserError(
+            f"--n must be from 1 to {MAX_TRAINING_IMAGES:,} training images, not {n:,} "
+            "(a run holds its scenes in memory: write more with other seeds)"
+        )
+    if not 0 <= eval_per_task <= MAX_EVAL_PER_TASK:
+        raise UserError(
+            f"--eval-per-task must be from 0 to {MAX_EVAL_PER_TASK:,}, not {eval_per_task:,}"
+        )
+    needed = n * TRAINING_BYTES + (count_images(n, eval_per_task) - n) * EVAL_BYTES
+    existing = next(folder for folder in Path(out).absolute().parents if folder.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise UserError(
+            f"{out}: the dataset takes about {needed / 1e9:,.1f} GB, and {existing} has "
+            f"{free / 1e9:,.1f} GB free"
+        )
+
+
+@contextmanager
+def disk_errors(out: Path) -> Iterator[None]:
+    """A write that fails (a full disk, a folder made read-only meanwhile) is one line; the
+    temporary folder is gone by then."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"{out}: cannot be written ({error.strerror or error})") from None
+
+
 def count_images(n: int, eval_per_task: int) -> int:
     """Images write_dataset writes (compare examples have two)."""
     return n + eval_per_task * (len(TASKS) + 1)
@@ -630,12 +672,9 @@ def write_dataset(
     interleaved, text), SFT chats and scenes.jsonl, plus held-out eval/<task>.jsonl sets of
     `eval_per_task` examples. Written to a temporary folder that replaces `out` at the end."""
     check_style(style)
-    if n < 1:
-        raise UserError(f"--n must be at least 1 training image, not {n}")
-    if eval_per_task < 0:
-        raise UserError(f"--eval-per-task must be at least 0, not {eval_per_task}")
+    check_counts(n, eval_per_task, out)
     rng = random.Random(seed)
-    with replacing(out, overwrite) as tmp:
+    with disk_errors(out), replacing(out, overwrite) as tmp:
         samplers = (sample_shape_scene, sample_screen_scene)
         scenes = [samplers[i % 2](rng) for i in range(n)]
         names = []
@@ -665,7 +704,8 @@ def write_eval(
     """Fresh held-out sets: out/<task>.jsonl for every task, `n_per_task` examples each, one
     question per example. The same as write_dataset's eval/ folder for the same seed."""
     check_style(style)
-    with replacing(out, overwrite) as tmp:
+    check_counts(1, n_per_task, out)
+    with disk_errors(out), replacing(out, overwrite) as tmp:
         write_eval_files(tmp, n_per_task, seed, style, on_image)
 
 
