@@ -1,5 +1,6 @@
 """The from-scratch tokenizer: one token per box coordinate, exact round trips, chat turns."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,8 @@ from helpers import run_cli
 from transformers import AutoTokenizer
 
 from mm1_mlx.errors import UserError
-from mm1_mlx.loading import load
-from mm1_mlx.train.tokenizer import train_tokenizer
+from mm1_mlx.loading import DEMO_MODEL, load
+from mm1_mlx.train.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "train/recipes/demo/config.json"
 
@@ -48,6 +49,13 @@ def test_chat_template_ends_assistant_turns_with_eos(tokenizer):
     assert text == "User: What color?\nAssistant: red</s>\n"
     prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     assert text.startswith(prompt)
+
+
+def test_the_demo_model_ships_the_chat_template():
+    """The shipped folder's copies (written by the tokenizer's save) are CHAT_TEMPLATE."""
+    config = json.loads((DEMO_MODEL / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    assert (DEMO_MODEL / "chat_template.jinja").read_text() == CHAT_TEMPLATE
 
 
 def test_too_small_a_vocabulary_is_refused(tmp_path):
