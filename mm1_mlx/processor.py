@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 from mm1_mlx import splitting
 from mm1_mlx.config import MM1Config, PreprocessConfig
 from mm1_mlx.errors import UserError
+from mm1_mlx.splitting import WHOLE_IMAGE, num_tiles
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,6 @@ RESAMPLE = {
 }
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 EXIF_ORIENTATION = 0x0112
-WHOLE_IMAGE = (1, 1)  # the grid of an image that is not split: one tile, the whole picture
 # A template's loop over a message's content: `{% for x in m['content'] %}`, `{%- for x in
 # m.content | selectattr(...) %}`; not over a string made of it (`m['content'].split(...)`).
 LOOP_OVER_CONTENT = re.compile(
@@ -284,11 +284,6 @@ class PromptInputs:
         return {"input_ids": mx.array([self.input_ids]), "pixels": pixels}
 
 
-def num_tiles(grid: splitting.Grid) -> int:
-    """Tiles of an image split into `grid`: the grid's and the overview, or just the whole."""
-    return 1 if grid == WHOLE_IMAGE else grid[0] * grid[1] + 1
-
-
 _NEXT_IMAGE = object()  # a marker whose image is the next of the `images` argument
 
 
@@ -492,12 +487,10 @@ class Processor:
     ) -> list[splitting.Grid]:
         """The grid each image of a prompt is split into, from the (width, height) of all the
         prompt's images; WHOLE_IMAGE where it is not split."""
-        settings = self.config.preprocess_config.splitting
-        grid_range = splitting.split_range(settings, len(sizes), split, n_min, n_max)
-        if grid_range is None:
-            return [WHOLE_IMAGE] * len(sizes)
-        tile = self.config.preprocess_config.image_size
-        return [splitting.select_grid(size, tile, *grid_range) for size in sizes]
+        config = self.config.preprocess_config
+        return splitting.image_grids(
+            sizes, config.image_size, config.splitting, split, n_min, n_max
+        )
 
     def layout_ids(self, text: str, grids: Sequence[splitting.Grid]) -> list[int]:
         """The token ids of `text` whose `<image>` markers are images with these grids: each
@@ -505,15 +498,11 @@ class Processor:
         pieces = text.split(self.image_token)
         _check_marker_count(len(pieces) - 1, len(grids), self.image_token)
         prompt = pieces[0] + "".join(
-            self._image_text(grid) + piece for grid, piece in zip(grids, pieces[1:], strict=True)
+            splitting.prompt_layout(grid, self.image_token) + piece
+            for grid, piece in zip(grids, pieces[1:], strict=True)
         )
         tiles = sum(num_tiles(grid) for grid in grids)
         return self._expand_image_tokens(self.tokenize(prompt), tiles)
-
-    def _image_text(self, grid: splitting.Grid) -> str:
-        if grid == WHOLE_IMAGE:
-            return self.image_token
-        return splitting.prompt_layout(grid, self.image_token)
 
     def image_tiles(
         self, image: Image.Image, grid: splitting.Grid

@@ -1,8 +1,8 @@
 """MM1.5 dynamic image splitting: which grid of sub-images an image gets, and where they lie.
 
-Pure geometry; processor.py does the pixels. Sizes are (width, height) like PIL's, grids are
-(rows, columns) = (n_h, n_w), and every sub-image ("tile") is tile x tile pixels, the encoder's
-input size.
+Pure geometry, asked for by processor.py, which does the pixels and the tokens. Sizes are
+(width, height) like PIL's, grids are (rows, columns) = (n_h, n_w), and every sub-image ("tile")
+is tile x tile pixels, the encoder's input size.
 
 Grid choice (MM1.5's dynamic splitting, Zhang et al. 2024, arXiv:2409.20566): the candidates are
 all grids with n_min <= rows * columns <= n_max. The image is fitted into each grid's canvas
@@ -16,6 +16,7 @@ behind a short text marker (`prompt_layout`). A 1x1 grid needs no splitting: suc
 encoded as without splitting, one block, no markers.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 from mm1_mlx.boxes import PixelBox
@@ -24,6 +25,7 @@ from mm1_mlx.errors import UserError
 Size = tuple[int, int]  # (width, height)
 Grid = tuple[int, int]  # (rows, columns)
 
+WHOLE_IMAGE: Grid = (1, 1)  # the grid of an image that is not split: one tile, the whole picture
 OVERVIEW_MARKER = "(overview)"
 
 
@@ -52,6 +54,27 @@ def split_range(
     if not 1 <= low <= high:
         raise UserError(f"image splitting needs 1 <= n_min <= n_max, not n_min={low} n_max={high}")
     return low, high
+
+
+def image_grids(
+    sizes: Sequence[Size],
+    tile: int,
+    settings: dict[str, Any],
+    split: bool | None = None,
+    n_min: int | None = None,
+    n_max: int | None = None,
+) -> list[Grid]:
+    """The grid each image of a prompt is split into, from the sizes of all the prompt's
+    images; WHOLE_IMAGE where it is not split (`split_range` for the other arguments)."""
+    grid_range = split_range(settings, len(sizes), split, n_min, n_max)
+    if grid_range is None:
+        return [WHOLE_IMAGE] * len(sizes)
+    return [select_grid(size, tile, *grid_range) for size in sizes]
+
+
+def num_tiles(grid: Grid) -> int:
+    """Tiles of an image split into `grid`: the grid's and the overview, or just the whole."""
+    return 1 if grid == WHOLE_IMAGE else grid[0] * grid[1] + 1
 
 
 def candidate_grids(n_min: int, n_max: int) -> list[Grid]:
@@ -108,8 +131,11 @@ def tile_boxes(grid: Grid, tile: int) -> list[PixelBox]:
 
 
 def prompt_layout(grid: Grid, image_token: str) -> str:
-    """What a split image's one `<image>` marker becomes: "(1,1)<image>(1,2)<image>...
-    (overview)<image>", one `<image>` per tile, row-major, the overview last."""
+    """What an image's one `<image>` marker becomes: itself for the whole image; for a split
+    one "(1,1)<image>(1,2)<image>...(overview)<image>", one `<image>` per tile, row-major, the
+    overview last."""
+    if grid == WHOLE_IMAGE:
+        return image_token
     tiles = [
         tile_marker(row, column) + image_token
         for row in range(grid[0])

@@ -36,10 +36,9 @@ from mm1_mlx.processor import (
     Processor,
     common_prefix_length,
     load_image,
-    num_tiles,
     read_image_size,
 )
-from mm1_mlx.splitting import Grid
+from mm1_mlx.splitting import Grid, num_tiles
 from mm1_mlx.train.readers import make_reader
 from mm1_mlx.train.sources import Record, Skip, SourceConfig, check_source
 
