@@ -8,6 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mm1_mlx
+from mm1_mlx.train.lora import apply_lora
 from mm1_mlx.wrappers import Checkpointed
 
 
@@ -39,3 +40,20 @@ def test_checkpointing_gives_the_same_gradients_and_paths(tiny_model_dir):
     model.set_gradient_checkpointing(False)
     assert all(a is b for a, b in zip(model.decoder.layers, layers, strict=True))
     assert not model.vision.checkpoint_blocks
+
+
+def test_lora_added_after_checkpointing_reaches_the_layers(tiny_model_dir):
+    """LoRA replaces modules inside the wrapped layers; the wrapped layers run with them."""
+    input_ids = mx.array([[1, 5, 9, 2]])
+    results = []
+    for checkpointing in (False, True):
+        model, _ = mm1_mlx.load(tiny_model_dir)
+        model.set_gradient_checkpointing(checkpointing)
+        mx.random.seed(1)
+        apply_lora(model, rank=2, num_layers=2)
+        model.decoder.layers[0].self_attn.q_proj.lora_b = mx.ones((2, 64))  # B starts at 0
+        results.append(loss_and_grads(model, input_ids, None))
+    (loss, grads), (checkpointed_loss, checkpointed) = results
+    assert checkpointed_loss.item() == loss.item()
+    for (path, g), (_, c) in zip(tree_flatten(grads), tree_flatten(checkpointed), strict=True):
+        assert np.array_equal(np.array(c), np.array(g)), path
