@@ -10,7 +10,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mm1_mlx.config import ConnectorConfig, MM1Config, PreprocessConfig, VisionConfig, read_json
-from mm1_mlx.config_checks import check_config
+from mm1_mlx.config_checks import (
+    FRESH_BYTES_PER_PARAMETER,
+    check_config,
+    check_model_bytes,
+    parameters_at_least,
+)
 from mm1_mlx.connectors import build_connector, is_square
 from mm1_mlx.convert.connector import convert_connector
 from mm1_mlx.convert.llm import (
@@ -212,7 +217,7 @@ def init_model(
     connector.num_tokens = config.num_image_tokens - connector.num_eos_tokens
     config.vision_config.image_size = config.preprocess_config.image_size
     mx.random.seed(seed)
-    model = MM1Model(config)
+    model = fresh_model(config, config_path, out)
     if smooth_numbers:
         smooth_number_embeddings(model, loaded_tokenizer)
     with atomic_folder(Path(out), overwrite) as tmp:
@@ -220,6 +225,19 @@ def init_model(
         write_config(tmp, config)
         save_tokenizer(loaded_tokenizer, tmp, tokenizer_path)
     return config
+
+
+def fresh_model(config: MM1Config, config_path: Path, out: Path) -> MM1Model:
+    """The model of `config`, its weights not yet allocated (MLX is lazy): refused first when a
+    lower bound of its size, then its size, is more than this machine can hold or `out` take."""
+    check_model_bytes(parameters_at_least(config) * FRESH_BYTES_PER_PARAMETER, config_path, out)
+    try:
+        model = MM1Model(config)
+    except (OverflowError, ValueError) as error:  # e.g. a size past MLX's 32-bit dimensions
+        raise UserError(f"{config_path}: cannot build a model of this config ({error})") from None
+    nbytes = sum(weight.nbytes for _, weight in tree_flatten(model.parameters()))
+    check_model_bytes(nbytes, config_path, out)
+    return model
 
 
 def smooth_number_embeddings(model: MM1Model, tokenizer: Any) -> None:

@@ -5,10 +5,13 @@ decoder positions as the connector makes; the image token is in the decoder's vo
 A bad value is a one-line UserError naming the file and the key, e.g.
 `model/config.json: vision_config.patch_size must be an integer >= 1, not 0`."""
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mm1_mlx.config import RESIZE_MODES, SPLITTING_DEFAULTS
+from mm1_mlx.config import RESIZE_MODES, SPLITTING_DEFAULTS, MM1Config
 from mm1_mlx.connectors import CONNECTOR_TYPES
 from mm1_mlx.errors import UserError
 from mm1_mlx.processor import RESAMPLE
@@ -152,6 +155,7 @@ def check_config(values: dict[str, Any], path: str | Path, complete: bool = True
     width, heads = vision.get("width", 1280), vision.get("heads", 16)
     if width % heads:
         fail("vision_config.heads", f"a divisor of width ({width})", heads)
+    check_text_heads(text, fail)
     layers = vision.get("layers", 32)
     feature_layer = vision.get("feature_layer", -1)
     for layer in feature_layer if isinstance(feature_layer, list) else [feature_layer]:
@@ -166,6 +170,7 @@ def check_config(values: dict[str, Any], path: str | Path, complete: bool = True
             fail("preprocess_config.shortest_edge", allowed, edge)
 
     if not complete:
+        check_fresh_image_tokens(values, (vision, connector, preprocess, text), fail)
         return
     per_image = connector.get("num_tokens", 144) + connector.get("num_eos_tokens", 0)
     num_image_tokens = values.get("num_image_tokens", 144)
@@ -177,3 +182,76 @@ def check_config(values: dict[str, Any], path: str | Path, complete: bool = True
     if image_token_id >= vocab_size:
         allowed = f"an integer in 0..{vocab_size - 1} (text_config.vocab_size is {vocab_size})"
         fail("image_token_id", allowed, image_token_id)
+
+
+def check_text_heads(text: dict[str, Any], fail: Callable[[str, str, Any], None]) -> None:
+    """Attention heads split the hidden size (unless the decoder gives its head_dim), and query
+    heads are shared by key/value heads evenly."""
+    heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
+    if heads is not None and hidden is not None and text.get("head_dim") is None and hidden % heads:
+        fail("text_config.num_attention_heads", f"a divisor of hidden_size ({hidden})", heads)
+    kv_heads = text.get("num_key_value_heads")
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        allowed = f"a divisor of num_attention_heads ({heads})"
+        fail("text_config.num_key_value_heads", allowed, kv_heads)
+
+
+POOLING_CONNECTORS = ("c-abstractor", "avg-pool")
+
+
+def check_fresh_image_tokens(
+    values: dict[str, Any], sections: tuple[dict, ...], fail: Callable[[str, str, Any], None]
+) -> None:
+    """`mm1-mlx init`'s image tokens: a pooling connector makes at most one per patch, and an
+    image must leave the decoder's context room for text."""
+    vision, connector, preprocess, text = sections
+    tokens = values.get("num_image_tokens", 144)
+    pooled = tokens - connector.get("num_eos_tokens", 0)
+    patches = (preprocess.get("image_size", 378) // vision.get("patch_size", 14)) ** 2
+    kind = connector.get("model_type", "c-abstractor")
+    if kind in POOLING_CONNECTORS and pooled > patches:
+        allowed = f"at most the encoder's {patches} patches (a {kind} pools them into fewer)"
+        fail("num_image_tokens", allowed, tokens)
+    context = text.get("max_position_embeddings")
+    if context is not None and tokens >= context:
+        allowed = f"fewer than text_config.max_position_embeddings ({context})"
+        fail("num_image_tokens", allowed, tokens)
+
+
+# -- a fresh model's size -------------------------------------------------------------------
+
+FRESH_BYTES_PER_PARAMETER = 4  # a fresh model starts in float32
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parameters_at_least(config: MM1Config) -> int:
+    """A lower bound of the parameters a model of `config` holds, from its sizes alone: the
+    embedding table, each decoder layer's MLP and query/output projections, the encoder's
+    position embeddings and blocks. Python integers: absurd sizes cannot overflow."""
+    text, vision = config.text_config, config.vision_config
+    hidden = text.get("hidden_size", 0)
+    per_layer = 2 * hidden * hidden + 2 * hidden * text.get("intermediate_size", 0)
+    decoder = text.get("vocab_size", 0) * hidden + text.get("num_hidden_layers", 0) * per_layer
+    width = vision.width
+    patches = (config.preprocess_config.image_size // vision.patch_size) ** 2
+    blocks = vision.layers * (4 * width * width + 2 * width * vision.mlp_dim)
+    return decoder + patches * width + blocks
+
+
+def check_model_bytes(nbytes: int, config_path: str | Path, out: Path) -> None:
+    """Refuse a fresh model whose weights (`nbytes`, or a lower bound of them) cannot be held in
+    this machine's memory or written under `out`, before any is allocated."""
+    memory = physical_memory()
+    size = f"{config_path}: a model of this config holds at least {nbytes / 1e9:,.1f} GB of weights"
+    if nbytes > memory:
+        raise UserError(f"{size}, more than this machine's {memory / 1e9:,.1f} GB of memory")
+    existing = next(
+        folder for folder in [Path(out), *Path(out).absolute().parents] if folder.exists()
+    )
+    free = shutil.disk_usage(existing).free
+    if nbytes > free:
+        raise UserError(f"{size}, and {existing} has {free / 1e9:,.1f} GB free")

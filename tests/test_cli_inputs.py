@@ -23,6 +23,33 @@ EVAL = ["eval", "--model", "{model}", "--data", "{eval}"]
 SYNTH = ["data", "synth", "--eval-per-task", "1"]
 DENSE = ["data", "dense-pretrain", "{model}", "--scenes", "{file}", "--out", "{out}"]
 
+# (case, a change to the tiny model's config.json for `init`, a substring of the error line)
+INIT_CONFIGS = [
+    ("hidden size 10**7", {"text_config": {"hidden_size": 10**7}},
+     "GB of weights, more than this machine's"),
+    ("100 million decoder layers", {"text_config": {"num_hidden_layers": 10**8}},
+     "GB of weights, more than this machine's"),
+    ("encoder 3 million wide", {"vision_config": {"width": 3 * 10**6}},
+     "GB of weights, more than this machine's"),
+    ("images of 100000 pixels", {"preprocess_config": {"image_size": 100_000}}, "GB of weights"),
+    ("vocabulary past 32 bits", {"text_config": {"vocab_size": 3 * 10**9}}, "GB of weights"),
+    ("connector width past 32 bits", {"connector_config": {"hidden_dim": 3 * 10**9}},
+     "cannot build a model of this config (Integer value 3000000000 is outside"),
+    ("3 billion attention heads", {"text_config": {"num_attention_heads": 3 * 10**9}},
+     "cannot build a model of this config (Integer value 48000000000 is outside"),
+    ("100 million attention heads", {"text_config": {"num_attention_heads": 10**8}},
+     "GB of weights, more than this machine's"),
+    ("heads that do not split the hidden size", {"text_config": {"head_dim": None,
+                                                                 "num_attention_heads": 3}},
+     "text_config.num_attention_heads must be a divisor of hidden_size (64), not 3"),
+    ("key/value heads that do not divide the heads", {"text_config": {"num_key_value_heads": 3}},
+     "text_config.num_key_value_heads must be a divisor of num_attention_heads"),
+    ("more image tokens than patches", {"num_image_tokens": 10**8},
+     "num_image_tokens must be at most the encoder's"),
+    ("an image over the context", {"text_config": {"max_position_embeddings": 4}},
+     "num_image_tokens must be fewer than text_config.max_position_embeddings (4), not 4"),
+]  # fmt: skip
+
 # (case, argv with {placeholders}, a substring of the error line)
 CASES = [
     ("convert: connector width 0", [*CONVERT, "--out", "{out}", "--connector-hidden-dim", "0"],
@@ -63,6 +90,9 @@ CASES = [
                              "{out}", "--seed", "-1"], "--seed"),
     ("init: config nested 100k deep", ["init", "{deep_json}", "--tokenizer", "{model}", "--out",
                                        "{out}"], "nested too deeply"),
+    *[(f"init: {name}", ["init", f"{{config_{index}}}", "--tokenizer", "{model}", "--out",
+                          "{out}"], message)
+      for index, (name, _, message) in enumerate(INIT_CONFIGS)],
     ("init: out under a file", ["init", "{model}/config.json", "--tokenizer", "{model}", "--out",
                                 "{file}/model"], "is a file, not a folder"),
     ("quantize: bits", ["quantize", "{model}", "--out", "{out}", "--bits", "7"], "bits"),
@@ -209,6 +239,9 @@ def inputs(tiny_model_dir, tmp_path_factory):
     (root / "not_utf8.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     long_name = {**example, "images": ["a" * 5000 + ".png"]}
     (root / "long_name.jsonl").write_text(json.dumps(long_name) + "\n")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    for index, (_, change, _) in enumerate(INIT_CONFIGS):
+        (root / f"config_{index}.json").write_text(json.dumps(merged(config, change)))
     no_tokenizer = root / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -237,7 +270,16 @@ def inputs(tiny_model_dir, tmp_path_factory):
         "image": root / "image.png",
         "markers": root / "markers.jsonl",
         "long_prompt": root / "long_prompt.jsonl",
+        **{f"config_{index}": root / f"config_{index}.json" for index in range(len(INIT_CONFIGS))},
     }
+
+
+def merged(values: dict, change: dict) -> dict:
+    """`values` with `change`'s keys replaced, nested objects merged."""
+    out = dict(values)
+    for key, value in change.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def write_lines(path, records) -> None:
@@ -295,6 +337,17 @@ def test_synth_failing_to_write_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "write_jsonl", disk_full)
     code, _, err = run_cli(*SYNTH, "--out", str(tmp_path / "data"), "--n", "2")
     assert code != 0 and err.endswith("cannot be written (No space left on device)\n"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_without_room_for_the_weights_on_disk_is_refused_first(inputs, tmp_path, monkeypatch):
+    from mm1_mlx import config_checks
+
+    no_room = shutil._ntuple_diskusage(0, 0, 0)
+    monkeypatch.setattr(config_checks.shutil, "disk_usage", lambda path: no_room)
+    config, model = inputs["model"] / "config.json", inputs["model"]
+    code, _, err = run_cli("init", str(config), "--tokenizer", str(model), "--out", f"{tmp_path}/m")
+    assert code != 0 and err.startswith("error: ") and "GB free" in err, err
     assert list(tmp_path.iterdir()) == []
 
 

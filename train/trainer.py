@@ -26,6 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
+from mm1_mlx.config_checks import physical_memory
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import model_context
 from mm1_mlx.loading import (
@@ -698,7 +699,7 @@ def check_memory(recipe: Recipe, model: MM1Model, ranks: int) -> None:
     rows, seq_len = recipe.data.batch_size // ranks, recipe.data.seq_len
     vocab = model.token_embedding.weight.shape[0]
     needed = 2 * rows * seq_len * vocab * 4
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = physical_memory()
     if needed > memory:
         raise UserError(
             f"data.batch_size {recipe.data.batch_size} x seq_len {seq_len}: a forward pass's "
