@@ -301,12 +301,29 @@ def test_one_stop_between_micro_batches_saves_the_last_whole_step(
     assert losses(tmp_path / "run") == losses(accumulating)
 
 
-def test_grad_accumulation_past_the_cap_is_refused_first(runs, tmp_path):
+# Recipe values whose domain depends on the model (or the run): refused before the first step.
+# (case, a change to the tiny pre-training recipe, what the error says)
+REFUSED_BEFORE_TRAINING = [
+    ("grad accumulation past the cap", setting("train.grad_accumulation", 1_000_000),
+     "train.grad_accumulation must be at most 1,024, not 1,000,000"),
+    ("LoRA rank past the decoder's width", setting("lora", LoraSettings(rank=10**8)),
+     "lora.rank must be at most the decoder's hidden size (64), not 100,000,000"),
+    ("box smoothing wider than the grid", setting("train.box_smoothing", 1e300),
+     "train.box_smoothing must be 0 (off) or a width in (0, 1000] coordinate units, not 1e+300"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message", [case[1:] for case in REFUSED_BEFORE_TRAINING],
+    ids=[case[0] for case in REFUSED_BEFORE_TRAINING],
+)  # fmt: skip
+def test_a_value_out_of_the_models_domain_is_refused_first(runs, tmp_path, change, message):
     recipe = pretrain(runs, "unused")
     recipe.out = str(tmp_path / "run")
-    recipe.train.grad_accumulation = 1_000_000
-    with pytest.raises(UserError, match="train.grad_accumulation must be at most 1,024, not"):
+    change(recipe)
+    with pytest.raises(UserError) as error:
         train(recipe)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
     assert not (tmp_path / "run").exists()
 
 

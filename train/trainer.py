@@ -26,6 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
+from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.config_checks import physical_memory
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import model_context
@@ -70,6 +71,7 @@ def prepare_model(recipe: Recipe) -> tuple[MM1Model, Any]:
             model.config.quantization = quantize_model(
                 model, recipe.lora.quantize_bits, recipe.lora.group_size, connector=False
             )
+        check_lora_rank(recipe.lora.rank, model)
         mx.random.seed(recipe.seed)  # LoRA's A starts random: the same on every rank and run
         apply_lora(
             model,
@@ -80,6 +82,16 @@ def prepare_model(recipe: Recipe) -> tuple[MM1Model, Any]:
         )
     freeze_modules(model, recipe.modules)
     return model, processor
+
+
+def check_lora_rank(rank: int, model: MM1Model) -> None:
+    """A rank past the decoder's width adds parameters (rank x width per layer) and no
+    expressiveness: a rank of millions would only exhaust memory."""
+    width = model.config.text_config["hidden_size"]
+    if rank > width:
+        raise UserError(
+            f"lora.rank must be at most the decoder's hidden size ({width}), not {rank:,}"
+        )
 
 
 @contextmanager
@@ -135,8 +147,11 @@ def coordinate_smoothing(recipe: Recipe, model: MM1Model, processor) -> Coordina
     sigma = recipe.train.box_smoothing
     if not sigma:
         return None
-    if sigma < 0:
-        raise UserError(f"train.box_smoothing must be 0 (off) or positive, not {sigma}")
+    if not 0 < sigma <= COORDINATE_MAX:  # wider, the soft targets are flat over the grid
+        raise UserError(
+            f"train.box_smoothing must be 0 (off) or a width in (0, {COORDINATE_MAX}] "
+            f"coordinate units, not {sigma:g}"
+        )
     vocab_size = model.config.text_config["vocab_size"]
     return CoordinateSmoothing(token_texts(processor.tokenizer, vocab_size), sigma)
 
