@@ -268,9 +268,15 @@ MAX_TOKENS = typer.Option(min=1, help="Most tokens per answer.")
 
 def non_empty(texts: list[str] | None) -> list[str] | None:
     """An option callback: no empty string (an empty stop string would end every answer at
-    once)."""
+    once), and valid text (a byte that is not UTF-8 arrives as a lone surrogate, which no
+    answer can contain)."""
     if texts and not all(texts):
         raise typer.BadParameter("must not be empty")
+    for text in texts or ():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise typer.BadParameter(f"{text!r} is not valid text (not UTF-8)") from None
     return texts
 
 
@@ -310,12 +316,13 @@ def chat(
     from mm1_mlx.annotate import check_output
     from mm1_mlx.chat import annotate_answer, check_images, interactive, stats_line, stream_answer
     from mm1_mlx.generate import ChatSession, GenerationSettings
-    from mm1_mlx.loading import load, model_or_default
+    from mm1_mlx.loading import check_file_writable, load, model_or_default
 
     if annotate:
         if prompt is not None and not image:
             raise typer.BadParameter("needs an --image to draw on", param_hint="'--annotate'")
         check_output(annotate)
+        check_file_writable(annotate)
     images = check_images(image or [])
     model = model_or_default(model)
     settings = GenerationSettings(
@@ -630,8 +637,16 @@ def main() -> None:
         fail(error.format_message(), error.exit_code)
     except typer.Abort:
         fail("aborted", 1)
+    except OSError as error:  # what no check could foresee: a disk that fills, a file removed
+        fail(os_error_line(error), 1)
     if code:  # typer.Exit's code (Ctrl-C: 130; ranks: theirs)
         sys.exit(code)
+
+
+def os_error_line(error: OSError) -> str:
+    if error.filename is None or error.strerror is None:
+        return str(error)
+    return f"{error.filename}: {error.strerror}"
 
 
 def fail(message: str, code: int) -> None:

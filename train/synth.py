@@ -622,9 +622,11 @@ TRAINING_BYTES = 8_000
 EVAL_BYTES = 5_000
 
 
-def check_counts(n: int, eval_per_task: int, out: Path) -> None:
-    """Refuse counts outside what write_dataset can hold, or more than the disk under `out`
-    has room for, before any scene is drawn."""
+def check_counts(n: int, eval_per_task: int, out: Path, overwrite: bool) -> None:
+    """Refuse counts outside what write_dataset can hold, an `out` that cannot be written, or
+    more than the disk under it has room for, before any scene is drawn."""
+    from mm1_mlx.loading import check_writable  # pulls in mlx-lm: see `replacing`
+
     if not 1 <= n <= MAX_TRAINING_IMAGES:
         raise UserError(
             f"--n must be from 1 to {MAX_TRAINING_IMAGES:,} training images, not {n:,} "
@@ -634,13 +636,14 @@ def check_counts(n: int, eval_per_task: int, out: Path) -> None:
         raise UserError(
             f"--eval-per-task must be from 0 to {MAX_EVAL_PER_TASK:,}, not {eval_per_task:,}"
         )
+    check_writable(Path(out), overwrite)
     needed = n * TRAINING_BYTES + (count_images(n, eval_per_task) - n) * EVAL_BYTES
     existing = next(folder for folder in Path(out).absolute().parents if folder.exists())
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise UserError(
-            f"{out}: the dataset takes about {needed / 1e9:,.1f} GB, and {existing} has "
-            f"{free / 1e9:,.1f} GB free"
+            f"{out}: the dataset takes about {needed / 1e6:,.0f} MB, and {existing} has "
+            f"{free / 1e6:,.0f} MB free"
         )
 
 
@@ -672,7 +675,7 @@ def write_dataset(
     interleaved, text), SFT chats and scenes.jsonl, plus held-out eval/<task>.jsonl sets of
     `eval_per_task` examples. Written to a temporary folder that replaces `out` at the end."""
     check_style(style)
-    check_counts(n, eval_per_task, out)
+    check_counts(n, eval_per_task, out, overwrite)
     rng = random.Random(seed)
     with disk_errors(out), replacing(out, overwrite) as tmp:
         samplers = (sample_shape_scene, sample_screen_scene)
@@ -704,7 +707,7 @@ def write_eval(
     """Fresh held-out sets: out/<task>.jsonl for every task, `n_per_task` examples each, one
     question per example. The same as write_dataset's eval/ folder for the same seed."""
     check_style(style)
-    check_counts(1, n_per_task, out)
+    check_counts(1, n_per_task, out, overwrite)
     with disk_errors(out), replacing(out, overwrite) as tmp:
         write_eval_files(tmp, n_per_task, seed, style, on_image)
 
