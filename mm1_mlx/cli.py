@@ -70,6 +70,10 @@ PARTS_OPTIONS = (
     "vision_act",
 )
 CONVERT_STEPS = ["vision encoder", "language model", "connector", "writing"]
+# A fresh connector's sizes: Honeybee's are 1024 and 3; these caps are far past any in use and
+# keep it within memory and MLX's 32-bit sizes (3e9 overflowed, a million blocks never ended).
+MAX_CONNECTOR_WIDTH = 65_536
+MAX_CONNECTOR_DEPTH = 64
 
 
 @app.command()
@@ -102,11 +106,20 @@ def convert(
         int, typer.Option(min=1, help="Image tokens per image (a square).")
     ] = 144,
     connector_hidden_dim: Annotated[
-        int, typer.Option(min=1, help="Fresh C-Abstractor: RegNet width (Honeybee: 1024).")
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_CONNECTOR_WIDTH,
+            help="Fresh C-Abstractor: RegNet width (Honeybee: 1024).",
+        ),
     ] = 1024,
     connector_depth: Annotated[
         int,
-        typer.Option(min=1, help="Fresh C-Abstractor: RegNet blocks per stage (Honeybee: 3)."),
+        typer.Option(
+            min=1,
+            max=MAX_CONNECTOR_DEPTH,
+            help="Fresh C-Abstractor: RegNet blocks per stage (Honeybee: 3).",
+        ),
     ] = 3,
     dtype: Annotated[
         Literal["float32", "float16", "bfloat16"] | None,

@@ -19,6 +19,10 @@ from mm1_mlx.rules import FLAG, TEXT, Rule, choice, integer, is_integer, list_of
 from mm1_mlx.vision import ACTIVATIONS
 
 SIZE = integer(1)
+# Past any model made (the deepest have a few hundred layers): each layer is a module built
+# before any weight is read, so a million of them exhaust memory with no weight allocated.
+MAX_LAYERS = 1000
+LAYERS = integer(1, MAX_LAYERS)
 POSITIVE = number(0, open_low=True)
 ACTIVATION = choice(tuple(ACTIVATIONS))
 FEATURE_LAYER = Rule(
@@ -35,7 +39,7 @@ VISION = {
     "patch_size": SIZE,
     "position_grid": optional(SIZE),
     "width": SIZE,
-    "layers": SIZE,
+    "layers": LAYERS,
     "heads": SIZE,
     "mlp_dim": SIZE,
     "act": ACTIVATION,
@@ -54,8 +58,8 @@ CONNECTOR = {
     "num_input_tokens": SIZE,
     "num_tokens": SIZE,
     "hidden_dim": SIZE,
-    "depth": integer(0),
-    "mlp_depth": SIZE,
+    "depth": integer(0, MAX_LAYERS),
+    "mlp_depth": LAYERS,
     "pos_emb": FLAG,
     "num_eos_tokens": integer(0),
     "heads": SIZE,
@@ -78,7 +82,7 @@ TEXT_CONFIG = {
     "model_type": TEXT,
     "vocab_size": SIZE,
     "hidden_size": SIZE,
-    "num_hidden_layers": SIZE,
+    "num_hidden_layers": LAYERS,
     "intermediate_size": SIZE,
     "num_attention_heads": SIZE,
     "num_key_value_heads": SIZE,
@@ -231,7 +235,8 @@ def physical_memory() -> int:
 def parameters_at_least(config: MM1Config) -> int:
     """A lower bound of the parameters a model of `config` holds, from its sizes alone: the
     embedding table, each decoder layer's MLP and query/output projections, the encoder's
-    position embeddings and blocks. Python integers: absurd sizes cannot overflow."""
+    position embeddings and blocks, the connector's RegNet stages and readout MLP. Python
+    integers: absurd sizes cannot overflow."""
     text, vision = config.text_config, config.vision_config
     hidden = text.get("hidden_size", 0)
     per_layer = 2 * hidden * hidden + 2 * hidden * text.get("intermediate_size", 0)
@@ -239,7 +244,17 @@ def parameters_at_least(config: MM1Config) -> int:
     width = vision.width
     patches = (config.preprocess_config.image_size // vision.patch_size) ** 2
     blocks = vision.layers * (4 * width * width + 2 * width * vision.mlp_dim)
-    return decoder + patches * width + blocks
+    return decoder + patches * width + blocks + connector_parameters_at_least(config)
+
+
+def connector_parameters_at_least(config: MM1Config) -> int:
+    """Two RegNet stages of `depth` blocks (a C-Abstractor), each with a hidden x hidden
+    convolution at least; the readout MLP's output x output layers after its first."""
+    connector = config.connector_config
+    readout = max(connector.mlp_depth - 1, 0) * connector.output_dim**2
+    if connector.model_type != "c-abstractor":
+        return readout
+    return readout + 2 * connector.depth * connector.hidden_dim**2
 
 
 def check_model_bytes(nbytes: int, config_path: str | Path, out: Path) -> None:
