@@ -157,6 +157,8 @@ CASES = [
     ("chat: annotate where no file can be made", [*CHAT, "--image", "{image}", "--annotate",
                                                   "/proc/1/answer.png", "hi"],
      "/proc/1 is not writable"),
+    ("inspect: missing file without --format", ["data", "inspect", "{tmp}/none.jsonl"],
+     "none.jsonl: no such data file"),
     ("chat: stop string not UTF-8", [*CHAT, "--stop", "\udcff", "hi"], "--stop"),
     ("synth: n past the cap", [*SYNTH, "--out", "{out}", "--n", "100000000000000"],
      "--n must be from 1 to 200,000 training images, not 100,000,000,000,000"),

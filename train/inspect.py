@@ -61,8 +61,12 @@ def inspect_source(settings: InspectSettings, model: str | Path | None, count: i
 
 
 def source_config(settings: InspectSettings) -> SourceConfig:
-    kind = source_kind(source_files(settings.path))
+    files = source_files(settings.path)
+    kind = source_kind(files)
     fmt = settings.format or DEFAULT_FORMATS.get(kind)
+    missing = next((file for file in files if not file.is_file()), None)
+    if fmt is None and missing is not None:  # that, not the format, is what is wrong
+        raise UserError(f"SOURCE: {missing}: no such data file")
     if fmt is None:
         raise UserError(f"--format: needed for {settings.path} (caption, interleaved, text, chat)")
     values = {**vars(settings), "format": fmt}
