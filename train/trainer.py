@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.config_checks import physical_memory
@@ -96,18 +95,13 @@ def check_lora_rank(rank: int, model: MM1Model) -> None:
 
 @contextmanager
 def gradient_checkpointing(model: MM1Model, enabled: bool) -> Iterator[None]:
-    """Recompute each decoder layer's and ViT block's activations in the backward pass instead
-    of keeping them. mlx-lm's grad_checkpoint patches the layer *class*, so the original
-    `__call__` is put back afterwards (other models in the process stay as they were)."""
-    firsts = [layers[0] for layers in (model.decoder.layers, model.vision.blocks) if layers]
-    originals = {type(layer): type(layer).__call__ for layer in firsts} if enabled else {}
-    for layer in firsts if enabled else []:
-        grad_checkpoint(layer)
+    """Recompute activations in the backward pass while training (`MM1Model.
+    set_gradient_checkpointing`), and hand the model back as it was."""
+    model.set_gradient_checkpointing(enabled)
     try:
         yield
     finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
+        model.set_gradient_checkpointing(False)
 
 
 def peak_lr(recipe: Recipe, model: MM1Model) -> float:
