@@ -131,6 +131,14 @@ def test_dense_pretrain_trains_the_encoder_and_keeps_the_decoder(tmp_path):
     assert not any(name.startswith("decoder.") for name in changed)
 
 
+def test_a_batch_larger_than_the_training_scenes_is_refused_before_work(tmp_path):
+    write_scenes(tmp_path / "data", 12)  # 10 to train on, 2 held out (a fifth)
+    settings = DenseSettings(steps=1, batch_size=11, held_out=4)
+    with pytest.raises(UserError, match="--batch-size 11 is more than the 10 training scenes"):
+        dense_pretrain(DEMO_MODEL, [tmp_path / "data" / "scenes.jsonl"], tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_interrupted_run_resumes_exactly(tmp_path):
     write_scenes(tmp_path / "data", 12)
     scenes = [tmp_path / "data" / "scenes.jsonl"]

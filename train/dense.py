@@ -290,7 +290,11 @@ def dense_pretrain(
         raise UserError(f"{len(scenes)} scenes are too few to hold some out (5 at least)")
     train_items, held_out_items = scenes[:-num_held_out], scenes[-num_held_out:]
     group = init_group()
-    batch_size = min(settings.batch_size, len(train_items))
+    batch_size = settings.batch_size
+    if batch_size > len(train_items):
+        raise UserError(
+            f"--batch-size {batch_size:,} is more than the {len(train_items):,} training scenes"
+        )
     if batch_size % group.size():
         raise UserError(f"a batch of {batch_size} images does not split over {group.size()} ranks")
     share = batch_size // group.size()
