@@ -67,6 +67,9 @@ class VisionConfig(_FromDict):
     feature_layer: int | list[int] = -1
     feature_post_norm: bool = False  # apply ln_post to the features (Honeybee: no)
     keep_class_token: bool = False  # CLS's features go to the connector too (LLaVA's "full")
+    # Channels of the convolutional embedding added to the patch embedding (vision.ConvEmbedding;
+    # 0: none, as in CLIP and SigLIP). Needs patch_size divisible by 4.
+    conv_channels: int = 0
 
     @property
     def grid_size(self) -> int:

@@ -50,6 +50,7 @@ VISION = {
     "feature_layer": FEATURE_LAYER,
     "feature_post_norm": FLAG,
     "keep_class_token": FLAG,
+    "conv_channels": integer(0, 4096),
 }
 CONNECTOR = {
     "model_type": choice(CONNECTOR_TYPES),
@@ -156,6 +157,10 @@ def check_config(values: dict[str, Any], path: str | Path, complete: bool = True
     patch_size = vision.get("patch_size", 14)
     if patch_size > image_size:
         fail("vision_config.patch_size", f"at most image_size ({image_size})", patch_size)
+    conv_channels = vision.get("conv_channels", 0)
+    if conv_channels % 2 or (conv_channels and patch_size % 4):
+        allowed = "an even integer (0 unless patch_size is divisible by 4)"
+        fail("vision_config.conv_channels", allowed, conv_channels)
     width, heads = vision.get("width", 1280), vision.get("heads", 16)
     if width % heads:
         fail("vision_config.heads", f"a divisor of width ({width})", heads)

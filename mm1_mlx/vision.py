@@ -64,6 +64,34 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class ConvEmbedding(nn.Module):
+    """A small convolutional network whose features are added to the patch embedding.
+
+    Three 3x3 convolutions with ReLU (the first two followed by 2x2 max pooling) map the picture
+    at a quarter of its resolution; each patch takes the maximum of that map over the 3x3
+    patches centred on it, projected to the ViT's width. A linear patch projection has to learn
+    a glyph separately at every offset from the patch grid, and small models trained from
+    scratch never do (a label 5 px off the grid reads as noise); convolutions and max pooling
+    recognise it wherever it falls, and the 3-patch window sees a short word whole.
+    """
+
+    def __init__(self, channels: int, patch_size: int, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels // 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels // 2, channels, 3, padding=1)
+        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1)
+        quarter = patch_size // 4  # a patch's side in the quarter-resolution map
+        self.halve = nn.MaxPool2d(2, stride=2)
+        self.window = nn.MaxPool2d(3 * quarter, stride=quarter, padding=quarter)
+        self.proj = nn.Linear(channels, width)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        """pixels [B, H, W, 3] -> [B, H // patch, W // patch, width]"""
+        x = self.halve(nn.relu(self.conv1(pixels)))
+        x = self.halve(nn.relu(self.conv2(x)))
+        return self.proj(self.window(nn.relu(self.conv3(x))))
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -73,6 +101,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"vision width {config.width} is not a multiple of heads {config.heads}"
             )
+        if config.conv_channels % 2 or (config.conv_channels and config.patch_size % 4):
+            raise ValueError("vision conv_channels must be even, and patch_size divisible by 4")
         if config.keep_class_token and not config.class_token:
             raise ValueError("vision keep_class_token needs class_token")
         self.config = config
@@ -83,6 +113,8 @@ class VisionTransformer(nn.Module):
 
         width, patch = config.width, config.patch_size
         self.patch_embed = nn.Conv2d(3, width, patch, stride=patch, bias=config.patch_bias)
+        if config.conv_channels:
+            self.conv_embed = ConvEmbedding(config.conv_channels, patch, width)
         if config.class_token:
             self.class_embedding = mx.zeros((width,))
         num_positions = self.position_grid**2 + int(config.class_token)
@@ -118,6 +150,8 @@ class VisionTransformer(nn.Module):
         the patch embedding drops a remainder (SigLIP so400m-patch14-384 runs at 384 on a
         27x27 grid)."""
         x = self.patch_embed(pixels)
+        if self.config.conv_channels:
+            x = x + self.conv_embed(pixels)
         batch, grid_height, grid_width, width = x.shape
         x = x.reshape(batch, grid_height * grid_width, width)
         if self.config.class_token:

@@ -35,6 +35,8 @@ CASES = [
     (set_key("vision_config.class_token", 1), "vision_config.class_token must be true or false"),
     (set_key("vision_config.layer_norm_eps", 0), "vision_config.layer_norm_eps must be"),
     (set_key("vision_config.feature_layer", 99), "vision_config.feature_layer must be within"),
+    (set_key("vision_config.conv_channels", 3), "vision_config.conv_channels must be an even"),
+    (set_key("vision_config.conv_channels", -2), "vision_config.conv_channels must be an integer"),
     (set_key("connector_config.model_type", "qformer"), "connector_config.model_type must be"),
     (set_key("connector_config.num_tokens", True), "connector_config.num_tokens must be"),
     (set_key("text_config", [1, 2]), "text_config must be an object"),

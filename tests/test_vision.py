@@ -359,3 +359,65 @@ def test_feature_settings_are_checked(fields, expected):
     config = VisionConfig(image_size=28, patch_size=7, width=32, layers=3, heads=4, mlp_dim=64)
     with pytest.raises(ValueError, match=re.escape(expected)):
         VisionTransformer(dataclasses.replace(config, **fields))
+
+
+# -- the convolutional embedding ------------------------------------------------------------
+
+
+class TorchConvEmbedding(torch.nn.Module):
+    """The reference: torch's Conv2d and MaxPool2d (NCHW), as ConvEmbedding's docstring says."""
+
+    def __init__(self, channels: int, patch_size: int, width: int):
+        super().__init__()
+        quarter = patch_size // 4
+        nn = torch.nn
+        self.features = nn.Sequential(
+            nn.Conv2d(3, channels // 2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels // 2, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3 * quarter, stride=quarter, padding=quarter),
+        )
+        self.proj = nn.Linear(channels, width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, h, w, width]
+        return self.proj(self.features(pixels).permute(0, 2, 3, 1))
+
+
+def load_torch_conv_embedding(ours, reference: TorchConvEmbedding) -> None:
+    convs = [layer for layer in reference.features if isinstance(layer, torch.nn.Conv2d)]
+    for conv, mine in zip(convs, (ours.conv1, ours.conv2, ours.conv3), strict=True):
+        mine.weight = mx.array(conv.weight.detach().permute(0, 2, 3, 1).numpy())
+        mine.bias = mx.array(conv.bias.detach().numpy())
+    ours.proj.weight = mx.array(reference.proj.weight.detach().numpy())
+    ours.proj.bias = mx.array(reference.proj.bias.detach().numpy())
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 52), (35, 47)])
+def test_conv_embedding_matches_torch(size):
+    config = VisionConfig(
+        image_size=32, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32, conv_channels=6
+    )
+    model = VisionTransformer(config)
+    torch.manual_seed(0)
+    reference = TorchConvEmbedding(6, 8, 16)
+    load_torch_conv_embedding(model.conv_embed, reference)
+    pixels = random_pixels(size)
+    expected = reference(pixels).detach().numpy()
+    pixels = mx.array(pixels.permute(0, 2, 3, 1).numpy())
+    ours = np.array(model.conv_embed(pixels))
+    assert ours.shape == expected.shape == (2, size[0] // 8, size[1] // 8, 16)
+    assert relative_error(ours, expected) <= 1e-5
+    # The encoder adds it to the patch embedding: the embeddings (before any block or norm)
+    # differ from those of the same encoder without it by exactly its output.
+    embeddings = dataclasses.replace(config, feature_layer=0, pre_norm=False)
+    model = VisionTransformer(embeddings)
+    load_torch_conv_embedding(model.conv_embed, reference)
+    plain = VisionTransformer(dataclasses.replace(embeddings, conv_channels=0))
+    plain.update(model.parameters(), strict=False)
+    difference = np.array(model(pixels) - plain(pixels))
+    assert relative_error(difference, expected.reshape(2, -1, 16)) <= 1e-5
