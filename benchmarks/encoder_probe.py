@@ -43,7 +43,7 @@ def thing_tokens(model, processor, items: list[SceneImage]):
     batcher = TileBatcher(processor, model.config.num_image_tokens)
     tokens, names, boxes, scene_of = [], [], [], []
     for index, item in enumerate(items):
-        pixels, classes, cell_boxes = batcher([item])
+        pixels, classes, cell_boxes, _ = batcher([item])
         features = np.array(model.connector(model.vision(pixels)))
         classes = np.array(classes)
         keep = classes > 0

@@ -152,6 +152,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(pixels)
         if self.config.conv_channels:
             x = x + self.conv_embed(pixels)
+        return self.encode(x)
+
+    def encode(self, x: mx.array) -> mx.array:
+        """Patch embeddings [B, grid height, grid width, width] -> features, as `__call__`."""
         batch, grid_height, grid_width, width = x.shape
         x = x.reshape(batch, grid_height * grid_width, width)
         if self.config.class_token:

@@ -6,7 +6,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import init_model_folder, run_cli
 from mlx.utils import tree_flatten
 
 from mm1_mlx.errors import UserError
@@ -70,8 +70,8 @@ def test_the_targets_match_the_pixels_the_model_sees(tmp_path, sampler):
         scene = sampler(rng)
         path = tmp_path / f"{k}.png"
         synth.render(scene).save(path)
-        pixels, classes, _ = batcher([SceneImage(path, scene)])
-        pixels, classes = np.array(pixels), np.array(classes)
+        batch = batcher([SceneImage(path, scene)])
+        pixels, classes = np.array(batch.pixels), np.array(batch.classes)
         for tile, tile_classes in zip(pixels, classes, strict=True):
             for cell, class_id in enumerate(tile_classes):
                 expected = expected_colours(CLASSES[class_id])
@@ -83,6 +83,30 @@ def test_the_targets_match_the_pixels_the_model_sees(tmp_path, sampler):
                 agreeing += any(np.abs(pixel - c).max() <= 40 for c in expected)
     assert checked > 40
     assert agreeing / checked > 0.9
+
+
+def test_text_targets_lie_on_the_glyphs(tmp_path):
+    """Every patch given a text target shows its label's text colour within the patch, and
+    every button's label has such patches in the tiles of the split screen."""
+    _, processor = load(DEMO_MODEL)
+    batcher = TileBatcher(processor, 64)
+    rng = random.Random(5)
+    for k in range(6):
+        scene = synth.sample_screen_scene(rng)
+        synth.render(scene).save(tmp_path / f"{k}.png")
+        batch = batcher([SceneImage(tmp_path / f"{k}.png", scene)])
+        pixels, text = np.array(batch.pixels), np.array(batch.text_classes)
+        colours = {f"button {b.label}": synth.BUTTON_STYLES[b.style][1] for b in scene.buttons}
+        colours[f"title {scene.title}"] = synth.BLACK
+        for tile, patch in zip(*np.nonzero(text), strict=True):
+            row, column = divmod(patch, 8)
+            block = denormalized(
+                pixels[tile, 16 * row : 16 * row + 16, 16 * column : 16 * column + 16]
+            )
+            colour = colours[CLASSES[text[tile, patch]]]
+            assert (np.abs(block - colour).max(-1) <= 100).any()  # antialiased, scaled
+        read = {CLASSES[c] for c in text[:-1].ravel() if c}  # the tiles, not the overview
+        assert read == set(colours)
 
 
 def expected_colours(name: str) -> list | None:
@@ -129,6 +153,27 @@ def test_dense_pretrain_trains_the_encoder_and_keeps_the_decoder(tmp_path):
     assert any(name.startswith("vision.") for name in changed)
     assert any(name.startswith("connector.") for name in changed)
     assert not any(name.startswith("decoder.") for name in changed)
+
+
+def test_an_encoder_with_a_conv_embedding_learns_to_read_through_it(tmp_path):
+    """The reading head trains the convolutional embedding on the patches over text, and
+    validation reports it."""
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    config["vision_config"]["conv_channels"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    init_model_folder(tmp_path / "config.json", DEMO_MODEL, tmp_path / "model")
+    write_scenes(tmp_path / "data", 12)
+    settings = DenseSettings(steps=2, batch_size=4, held_out=4)
+    metrics = dense_pretrain(
+        tmp_path / "model", [tmp_path / "data" / "scenes.jsonl"], tmp_path / "out", settings
+    )
+    assert {"reading_accuracy", "text_accuracy", "button_accuracy"} <= set(metrics)
+    before, _ = load(tmp_path / "model")
+    after, _ = load(tmp_path / "out")
+    old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
+    assert not mx.array_equal(
+        old["vision.conv_embed.conv1.weight"], new["vision.conv_embed.conv1.weight"]
+    ).item()
 
 
 def test_a_batch_larger_than_the_training_scenes_is_refused_before_work(tmp_path):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,6 +56,12 @@ class DenseSettings:
     warmup_steps: int = 40
     weight_decay: float = 0.1
     box_weight: float = 2.0  # L1 on 0..1 coordinates is much smaller than the class loss
+    # A button cell's class loss counts this many times a shape's or a title's: a label must
+    # be read from a few glyphs anywhere in the button, by far the hardest target.
+    button_weight: float = 8.0
+    # Encoders with a convolutional embedding: its own label head on the patches over text,
+    # so that it learns to read glyphs directly, before the ViT learns to pass them on.
+    reading_weight: float = 1.0
     held_out: int = 200  # the last scenes (a fifth at most): validation, never trained on
     log_every: int = 25
     validate_every: int = 100
@@ -115,6 +122,16 @@ def cell_targets(scene: synth.Scene, centres: np.ndarray) -> tuple[np.ndarray, n
     return classes.reshape(centres.shape[:-1]), boxes.reshape(*centres.shape[:-1], 4)
 
 
+def text_targets(scene: synth.Scene, centres: np.ndarray) -> np.ndarray:
+    """Class ids [...] of the points [..., 2] that lie on a label's glyphs (0 elsewhere)."""
+    flat = centres.reshape(-1, 2)
+    classes = np.zeros(len(flat), np.int32)
+    for name, (left, top, right, bottom) in synth.labels(scene):
+        on_text = (flat >= (left, top)).all(-1) & (flat < (right, bottom)).all(-1)
+        classes[on_text] = CLASS_IDS[name]
+    return classes.reshape(centres.shape[:-1])
+
+
 def read_scenes(paths: list[Path]) -> list[SceneImage]:
     """Every scene of scenes.jsonl files (`mm1-mlx data synth` writes one per folder)."""
     scenes = []
@@ -132,24 +149,42 @@ def read_scenes(paths: list[Path]) -> list[SceneImage]:
     return scenes
 
 
-TileBatch = tuple[mx.array, mx.array, mx.array]  # pixels, classes, boxes
+class TileBatch(NamedTuple):
+    pixels: mx.array  # [tiles, H, W, 3]
+    classes: mx.array  # [tiles, tokens]
+    boxes: mx.array  # [tiles, tokens, 4]
+    text_classes: mx.array  # [tiles, patches]: the label a patch shows glyphs of, or 0
+
+
+Targets = tuple[np.ndarray, np.ndarray, np.ndarray]  # a TileBatch's, less the pixels
 
 
 class TileBatcher:
-    """Scenes -> (pixels [tiles, H, W, 3], classes [tiles, T], boxes [tiles, T, 4])."""
+    """Scenes -> TileBatch."""
 
     def __init__(self, processor: Processor, num_tokens: int):
         self.processor = processor
         self.side = int(round(num_tokens**0.5))
+        config = processor.config
+        self.patch_side = config.preprocess_config.image_size // config.vision_config.patch_size
 
-    def targets(self, item: SceneImage) -> tuple[np.ndarray, np.ndarray]:
-        """The classes and boxes of the item's tiles' tokens, from the scene alone (the image
-        is not read: the scene has its size)."""
+    def targets(self, item: SceneImage) -> Targets:
+        """The classes and boxes of the item's tiles' tokens and the text under its patches,
+        from the scene alone (the image is not read: the scene has its size)."""
         config = self.processor.config.preprocess_config
         size = item.scene.size
         (grid,) = self.processor.image_grids([size])
-        centres = cell_centres(size, grid, config.image_size, self.side, config.resize_mode)
-        return cell_targets(item.scene, centres)
+
+        def centres(side: int) -> np.ndarray:
+            return cell_centres(size, grid, config.image_size, side, config.resize_mode)
+
+        classes, boxes = cell_targets(item.scene, centres(self.side))
+        # A patch is on text if any of a 4x4 grid of points in it is: a label's glyphs are
+        # shorter than a patch, so its centre alone misses many labels.
+        side, fine = self.patch_side, 4
+        text = text_targets(item.scene, centres(side * fine))
+        text = text.reshape(-1, side, fine, side, fine).max(axis=(2, 4))
+        return classes, boxes, text.reshape(len(text), -1)
 
     def pixels(self, items: list[SceneImage]) -> mx.array:
         tiles = []
@@ -159,58 +194,14 @@ class TileBatcher:
             tiles += self.processor.image_tiles(image, grid)[0]
         return mx.array(np.stack(tiles))
 
-    def __call__(
-        self, items: list[SceneImage], targets: list[tuple[np.ndarray, np.ndarray]] | None = None
-    ) -> TileBatch:
+    def __call__(self, items: list[SceneImage], targets: list[Targets] | None = None) -> TileBatch:
         """The items' batch; `targets` when they are known already."""
         targets = targets or [self.targets(item) for item in items]
-        classes, boxes = zip(*targets, strict=True)
-        return (
-            self.pixels(items),
-            mx.array(np.concatenate(classes)),
-            mx.array(np.concatenate(boxes)),
-        )
+        parts = (mx.array(np.concatenate(part)) for part in zip(*targets, strict=True))
+        return TileBatch(self.pixels(items), *parts)
 
 
 # -- the model and its loss ---------------------------------------------------------------------
-
-
-class DenseHeads(nn.Module):
-    """The model's encoder and connector (shared, not copied) with two linear heads."""
-
-    def __init__(self, model: MM1Model):
-        super().__init__()
-        self.vision = model.vision
-        self.connector = model.connector
-        width = model.config.connector_config.output_dim
-        self.classes = nn.Linear(width, len(CLASSES))
-        self.boxes = nn.Linear(width, 4)
-
-    def __call__(self, pixels: mx.array) -> tuple[mx.array, mx.array]:
-        tokens = self.connector(self.vision(pixels))
-        return self.classes(tokens), self.boxes(tokens)
-
-
-def dense_loss(
-    net: DenseHeads,
-    batch: TileBatch,
-    box_weight: float,
-    counts: tuple[float, float] | None = None,
-) -> mx.array:
-    """The class and box losses of a batch; `counts` (cells on things, background cells) are
-    the whole global batch's when the batch is one rank's share of it."""
-    pixels, classes, boxes = batch
-    logits, predicted = net(pixels)
-    on_thing = (classes > 0).astype(mx.float32)
-    counts = counts or (on_thing.sum(), (1 - on_thing).sum())
-    things, background = (mx.maximum(count, 1) for count in counts)
-    # Three cells in four are background: averaged over all cells, "nothing" everywhere is a
-    # good first answer and the things are learned slowly. Each half gets its own mean.
-    cross_entropy = nn.losses.cross_entropy(logits, classes)
-    class_loss = (cross_entropy * on_thing).sum() / things
-    class_loss += (cross_entropy * (1 - on_thing)).sum() / background
-    box_error = (mx.abs(predicted - boxes).sum(-1) * on_thing).sum() / things
-    return class_loss + box_weight * box_error
 
 
 def group(name: str) -> str:
@@ -222,16 +213,89 @@ def group(name: str) -> str:
 CLASS_GROUPS = np.array([group(name) for name in CLASSES])
 
 
+class DenseHeads(nn.Module):
+    """The model's encoder and connector (shared, not copied) with linear heads: a class and a
+    box per token, and for an encoder with a convolutional embedding, a class per patch read
+    from that embedding alone."""
+
+    def __init__(self, model: MM1Model):
+        super().__init__()
+        self.vision = model.vision
+        self.connector = model.connector
+        width = model.config.connector_config.output_dim
+        self.classes = nn.Linear(width, len(CLASSES))
+        self.boxes = nn.Linear(width, 4)
+        if self.vision.config.conv_channels:
+            self.reading = nn.Linear(self.vision.config.width, len(CLASSES))
+
+    def __call__(self, pixels: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
+        patches = self.vision.patch_embed(pixels)
+        reading = None
+        if self.vision.config.conv_channels:
+            conv = self.vision.conv_embed(pixels)
+            patches = patches + conv
+            reading = self.reading(conv.reshape(len(pixels), -1, conv.shape[-1]))
+        tokens = self.connector(self.vision.encode(patches))
+        return self.classes(tokens), self.boxes(tokens), reading
+
+
+def class_weights(button_weight: float) -> np.ndarray:
+    """Each class's weight in the things' class loss: 0 for nothing (it has its own mean)."""
+    weights = np.where(CLASS_GROUPS == "button", button_weight, 1.0).astype(np.float32)
+    weights[CLASS_IDS["nothing"]] = 0
+    return weights
+
+
+def loss_totals(targets: list[Targets], settings: DenseSettings) -> tuple[float, ...]:
+    """What dense_loss divides by, for the whole global batch: the cells on things, their
+    class weights, the background cells and the patches on text."""
+    classes = np.concatenate([part[0].ravel() for part in targets])
+    text = sum(int((part[2] > 0).sum()) for part in targets)
+    things = int((classes > 0).sum())
+    weights = float(class_weights(settings.button_weight)[classes].sum())
+    return things, weights, classes.size - things, text
+
+
+def dense_loss(
+    net: DenseHeads, batch: TileBatch, settings: DenseSettings, totals: tuple[float, ...]
+) -> mx.array:
+    """The class and box losses of a batch (and the reading loss where there is one), each a
+    mean over its own cells of the global batch (`loss_totals`)."""
+    logits, predicted, reading = net(batch.pixels)
+    things, weights, background, text = (max(total, 1) for total in totals)
+    on_thing = batch.classes > 0
+    # Three cells in four are background: averaged over all cells, "nothing" everywhere is a
+    # good first answer and the things are learned slowly. Each half gets its own mean.
+    cross_entropy = nn.losses.cross_entropy(logits, batch.classes)
+    cell_weights = mx.array(class_weights(settings.button_weight))[batch.classes]
+    loss = (cross_entropy * cell_weights).sum() / weights
+    loss += (cross_entropy * ~on_thing).sum() / background
+    box_error = (mx.abs(predicted - batch.boxes).sum(-1) * on_thing).sum() / things
+    loss += settings.box_weight * box_error
+    if reading is not None:
+        on_text = batch.text_classes > 0
+        reading_error = nn.losses.cross_entropy(reading, batch.text_classes) * on_text
+        loss += settings.reading_weight * reading_error.sum() / text
+    return loss
+
+
 def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
-    """Cell accuracy per group of classes, and the mean box-coordinate error on things, in the
-    answers' 0..1000 units."""
-    predicted, true, errors = [], [], []
-    for pixels, classes, boxes in batches:
-        logits, predicted_boxes = net(pixels)
-        predicted.append(np.array(logits.argmax(-1)).ravel())
-        true.append(np.array(classes).ravel())
-        errors.append(np.array(mx.abs(predicted_boxes - boxes).mean(-1)).ravel())
-    predicted, true, errors = (np.concatenate(parts) for parts in (predicted, true, errors))
+    """Cell accuracy per group of classes, the mean box-coordinate error on things (in the
+    answers' 0..1000 units) and, on the patches over text, the accuracy of the reading head
+    and (where tokens and patches are the same cells) of the class head."""
+    parts = {"predicted": [], "true": [], "errors": [], "read": [], "text": []}
+    for batch in batches:
+        logits, boxes, reading = net(batch.pixels)
+        parts["predicted"].append(logits.argmax(-1))
+        parts["true"].append(batch.classes)
+        parts["errors"].append(mx.abs(boxes - batch.boxes).mean(-1))
+        parts["text"].append(batch.text_classes)
+        if reading is not None:
+            parts["read"].append(reading.argmax(-1))
+    predicted, true, errors, read, text = (
+        np.concatenate([np.array(part).ravel() for part in arrays]) if arrays else None
+        for arrays in parts.values()
+    )
     groups = CLASS_GROUPS[true]
     metrics = {
         f"{name}_accuracy": float((predicted == true)[groups == name].mean())
@@ -240,6 +304,11 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
     }
     if (true > 0).any():
         metrics["box_error"] = float(1000 * errors[true > 0].mean())
+    on_text = text > 0
+    if on_text.any() and len(text) == len(true):
+        metrics["text_accuracy"] = float((predicted == text)[on_text].mean())
+    if on_text.any() and read is not None:
+        metrics["reading_accuracy"] = float((read == text)[on_text].mean())
     return metrics
 
 
@@ -312,7 +381,7 @@ def dense_pretrain(
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=settings.weight_decay)
     loss_and_grad = nn.value_and_grad(
-        net, lambda net, batch, counts: dense_loss(net, batch, settings.box_weight, counts)
+        net, lambda net, batch, totals: dense_loss(net, batch, settings, totals)
     )
     sampler = SceneSampler(rng)
     start = step = resume_from(partial, net, optimizer, sampler, setup={}, loud=is_main)
@@ -329,11 +398,9 @@ def dense_pretrain(
                 # Every rank draws the same scenes; each decodes and runs its own share.
                 items = rng.sample(train_items, batch_size)
                 targets = [batcher.targets(item) for item in items]
-                on_things = sum(int((classes > 0).sum()) for classes, _ in targets)
-                cells = sum(classes.size for classes, _ in targets)
                 mine = slice(group.rank() * share, (group.rank() + 1) * share)
                 batch = batcher(items[mine], targets[mine])
-                loss, grads = loss_and_grad(net, batch, (on_things, cells - on_things))
+                loss, grads = loss_and_grad(net, batch, loss_totals(targets, settings))
                 loss, grads = sum_over_ranks((loss, grads), group)
                 update(grads)
                 mx.eval(loss, net.parameters(), optimizer.state)

@@ -562,6 +562,22 @@ def inside(x: float, y: float, box: PixelBox) -> bool:
     return box[0] <= x < box[2] and box[1] <= y < box[3]
 
 
+def label_box(text: str, box: PixelBox) -> tuple[float, float, float, float]:
+    """Where the glyphs of `text`, drawn centred in `box` at the spec's font size, lie."""
+    x, y = centre(box)
+    left, top, right, bottom = font(FONT_SIZE).getbbox(text, anchor="mm")
+    return x + left, y + top, x + right, y + bottom
+
+
+def labels(scene: Scene) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """The scene's text as (thing name, the glyphs' box): the title's, then each button's."""
+    if isinstance(scene, ShapeScene):
+        return []
+    return [(f"title {scene.title}", label_box(scene.title, TITLE_BAR))] + [
+        (f"button {button.label}", label_box(button.label, button.box)) for button in scene.buttons
+    ]
+
+
 def thing_at(scene: Scene, x: float, y: float) -> tuple[str, PixelBox] | None:
     """What lies at pixel (x, y), as (name, box): "red circle", "title Settings", "button Send";
     None on the background. Used as per-patch labels by dense pre-training (train/dense.py)."""
