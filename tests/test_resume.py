@@ -371,3 +371,11 @@ def test_an_output_folder_that_cannot_be_is_refused_first(runs, tmp_path, out):
     with pytest.raises(UserError, match="cannot be the output folder"):
         train(recipe)
     assert (tmp_path / "file").read_text() == "kept"
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_fresh(runs, tmp_path, capsys):
+    recipe = sft(runs, "sft")
+    recipe.out = str(tmp_path / "fresh")
+    train(recipe, resume=True)
+    notes = capsys.readouterr().err.splitlines()
+    assert f"{tmp_path / 'fresh'}: no checkpoint to resume from; starting at step 0" in notes

@@ -30,7 +30,13 @@ from mm1_mlx.errors import UserError
 from mm1_mlx.quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mm1_mlx.rules import FLAG, TEXT, Rule, choice, integer, number
 from mm1_mlx.train.data import LOSS_WEIGHTINGS, RENDERERS, SourceConfig
-from mm1_mlx.train.optim import DECAYS, MODULES, OPTIMIZERS, ModuleSettings
+from mm1_mlx.train.optim import (
+    DECAYS,
+    MODULES,
+    OPTIMIZERS,
+    ModuleSettings,
+    resolve_weight_decay,
+)
 from mm1_mlx.train.sources import MAX_SHUFFLE_BUFFER, SourceError, check_source
 
 if sys.version_info >= (3, 11):
@@ -165,7 +171,7 @@ RULES: dict[tuple[type, str], Rule] = {
     (TrainSettings, "steps"): integer(1),
     (TrainSettings, "grad_accumulation"): integer(1),
     (TrainSettings, "grad_clip"): NON_NEGATIVE,
-    (TrainSettings, "z_loss"): NON_NEGATIVE,
+    (TrainSettings, "z_loss"): number(0, 1),  # PaLM's 1e-4; far larger drowns the loss
     (TrainSettings, "box_smoothing"): NON_NEGATIVE,
     (TrainSettings, "gradient_checkpointing"): FLAG,
     (ModuleSettings, "trainable"): FLAG,
@@ -244,6 +250,18 @@ def _modules(value: Any, where: str) -> dict[str, ModuleSettings]:
     return {key: _build(ModuleSettings, table, f"{where}.{key}") for key, table in value.items()}
 
 
+def check_decay_fits(lr: float, weight_decay: float | str, modules: dict) -> None:
+    """Decoupled weight decay multiplies a weight by 1 - lr x weight_decay each step: at 1 or
+    more it zeroes or flips every decayed weight."""
+    peak = lr * max([1.0, *(module.lr_multiplier for module in modules.values())])
+    shrink = peak * resolve_weight_decay(weight_decay)
+    if shrink >= 1:
+        raise UserError(
+            f"optimizer.weight_decay times the peak learning rate ({peak:g}) must be below 1 "
+            f"(each step multiplies decayed weights by 1 - lr x weight_decay), not {shrink:g}"
+        )
+
+
 def check_recipe(recipe: Recipe) -> None:
     """What no single value says: the warm-up fits in the steps; there is data to train on and,
     when validation is asked for, data to validate on."""
@@ -252,6 +270,9 @@ def check_recipe(recipe: Recipe) -> None:
         raise UserError(
             f"optimizer.warmup_steps must be within 0..{steps} (train.steps), not {warmup}"
         )
+    optimizer = recipe.optimizer
+    if optimizer.lr != "mm1":
+        check_decay_fits(optimizer.lr, optimizer.weight_decay, recipe.modules)
     if not recipe.data.sources:
         raise UserError("data.sources: the recipe has no data sources ([[data.sources]])")
     if recipe.log.eval_every and not recipe.data.validation:

@@ -428,6 +428,8 @@ def resume_from(
         return checkpoint.state["step"]
     if damaged:
         raise UserError(f"{out}: no readable checkpoint to resume from (newest: {damaged[0]})")
+    if loud:  # not an error: build scripts pass --resume to every stage, finished or not
+        print(f"{out}: no checkpoint to resume from; starting at step 0", file=sys.stderr)
     return 0
 
 
