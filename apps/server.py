@@ -296,7 +296,7 @@ def parse_request(body: bytes, served: Served) -> ChatRequest:
     if _option(request, "n", int, 1) != 1:
         raise ApiError(400, "n must be 1: one answer per request")
     _option(request, "user", str, None)
-    _option(request, "stream_options", dict, None)
+    read_stream_options(_option(request, "stream_options", dict, {}))
     settings, stream = read_settings(request), _option(request, "stream", bool, False)
     messages, images = read_messages(request.get("messages"), served.read_paths)
     if len(images) > served.max_images:
@@ -306,6 +306,18 @@ def parse_request(body: bytes, served: Served) -> ChatRequest:
     refuse_long_text(served.processor, messages, served.context)
     inputs = prompt_inputs(served.processor, messages, images)
     return ChatRequest(inputs, fit_context(inputs, settings, served.context), stream)
+
+
+# OpenAI's stream options: usage comes with the last chunk whatever they say.
+STREAM_OPTIONS = ("include_usage", "include_obfuscation")
+
+
+def read_stream_options(options: dict[str, Any]) -> None:
+    for name in options:
+        if name not in STREAM_OPTIONS:
+            known = ", ".join(STREAM_OPTIONS)
+            raise ApiError(400, f"unknown stream_options field {_shown(name)}; known: {known}")
+        _option(options, name, bool, None)
 
 
 def read_json(body: bytes) -> dict[str, Any]:
