@@ -245,22 +245,21 @@ def smooth_number_embeddings(model: MM1Model, tokenizer: Any) -> None:
     space) from sinusoids of their value plus some of their random start, so that with tied
     embeddings near coordinates get near logits from the first step and a box answer that is
     a few units off is learned as almost right. Each token must be one token of its own."""
-    from mm1_mlx.train.tokenizer import NUMBERS
+    from mm1_mlx.train.tokenizer import number_token_ids
 
-    ids = [tokenizer.encode(text, add_special_tokens=False) for text in NUMBERS]
-    spaced = [tokenizer.encode(" " + text, add_special_tokens=False) for text in NUMBERS]
-    if any(len(t) != 1 for t in ids + spaced):
+    numbers = number_token_ids(tokenizer)
+    if numbers is None:
         raise UserError("--smooth-numbers needs a tokenizer where each of 0..1000 is one token")
     embedding = model.token_embedding
     table = np.array(embedding.weight)
     dims = table.shape[1]
     # Periods from 2000 down to ~4 coordinate units, a sine and a cosine each.
     frequencies = np.geomspace(1 / 2000, 1 / 4, dims // 2)
-    angles = 2 * np.pi * np.arange(len(NUMBERS))[:, None] * frequencies[None, :]
-    waves = np.zeros((len(NUMBERS), dims), np.float32)
+    angles = 2 * np.pi * np.arange(len(numbers[0]))[:, None] * frequencies[None, :]
+    waves = np.zeros((len(numbers[0]), dims), np.float32)
     waves[:, : dims // 2], waves[:, dims // 2 : 2 * (dims // 2)] = np.sin(angles), np.cos(angles)
     waves *= table.std() * np.sqrt(2)  # the random rows' size (a sinusoid's RMS is 1/sqrt 2)
-    for rows in (np.array(ids)[:, 0], np.array(spaced)[:, 0]):
+    for rows in numbers:
         # Keep some of each token's random start: "7" and " 7" must stay distinguishable.
         table[rows] = 0.8 * waves + 0.6 * table[rows]
     embedding.weight = mx.array(table)

@@ -15,13 +15,16 @@ from mm1_mlx.processor import WHOLE_IMAGE
 from mm1_mlx.train import synth
 from mm1_mlx.train.dense import (
     CLASSES,
+    DenseHeads,
     DenseSettings,
     SceneImage,
     TileBatcher,
     cell_centres,
     cell_targets,
     dense_pretrain,
+    gaussian_targets,
 )
+from mm1_mlx.train.tokenizer import number_token_ids
 
 
 def test_cell_centres_of_a_whole_image_and_of_a_split_screen():
@@ -168,12 +171,39 @@ def test_an_encoder_with_a_conv_embedding_learns_to_read_through_it(tmp_path):
         tmp_path / "model", [tmp_path / "data" / "scenes.jsonl"], tmp_path / "out", settings
     )
     assert {"reading_accuracy", "text_accuracy", "button_accuracy"} <= set(metrics)
+    assert "coordinate_error" in metrics  # the demo tokenizer has a token per 0..1000
     before, _ = load(tmp_path / "model")
     after, _ = load(tmp_path / "out")
     old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
     assert not mx.array_equal(
         old["vision.conv_embed.conv1.weight"], new["vision.conv_embed.conv1.weight"]
     ).item()
+
+
+def test_gaussian_coordinate_targets_peak_at_the_written_number():
+    boxes = mx.array([[0.0, 0.2504, 0.5, 1.0]])
+    targets = np.array(gaussian_targets(boxes, sigma=10.0))
+    assert targets.shape == (1, 4, 1001)
+    assert np.allclose(targets.sum(-1), 1.0, atol=1e-5)
+    assert targets.argmax(-1).tolist() == [[0, 250, 500, 1000]]
+    # Width 10: one sigma away the weight is exp(-1/2) of the peak's.
+    assert targets[0, 2, 510] / targets[0, 2, 500] == pytest.approx(np.exp(-0.5), rel=1e-4)
+
+
+def test_the_coordinate_head_writes_with_the_decoders_number_embeddings():
+    """The head's logits are its per-coordinate codes dotted with the decoder's embeddings of
+    "0".."1000" (the first coordinate) and " 0".." 1000" (the others), which it does not train."""
+    model, processor = load(DEMO_MODEL)
+    net = DenseHeads(model, processor.tokenizer)
+    assert "_numbers" not in dict(tree_flatten(net.trainable_parameters()))
+    pixels = mx.random.normal((1, 128, 128, 3))
+    outputs = net(pixels)
+    tokens = net.connector(net.vision(pixels))[0, 5]
+    codes = net.coordinates(tokens).reshape(4, -1)
+    plain, spaced = number_token_ids(processor.tokenizer)
+    table = model.token_embedding.weight
+    assert mx.allclose(outputs.coordinates[0, 5, 0], table[mx.array(plain)] @ codes[0], atol=1e-4)
+    assert mx.allclose(outputs.coordinates[0, 5, 3], table[mx.array(spaced)] @ codes[3], atol=1e-4)
 
 
 def test_a_batch_larger_than_the_training_scenes_is_refused_before_work(tmp_path):

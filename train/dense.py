@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mm1_mlx import splitting
+from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.errors import UserError
 from mm1_mlx.jsonl import parse_object
 from mm1_mlx.loading import check_writable, load, resolve_path, save_model
@@ -34,6 +35,7 @@ from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
 from mm1_mlx.train import synth
 from mm1_mlx.train.optim import compiled_update, make_schedule
 from mm1_mlx.train.ranks import init_group, sum_over_ranks
+from mm1_mlx.train.tokenizer import number_token_ids
 from mm1_mlx.train.trainer import (
     ABANDONED,
     HeldStops,
@@ -62,6 +64,11 @@ class DenseSettings:
     # Encoders with a convolutional embedding: its own label head on the patches over text,
     # so that it learns to read glyphs directly, before the ViT learns to pass them on.
     reading_weight: float = 1.0
+    # Tokenizers with one token per integer 0..1000: each thing cell also writes its box's
+    # four coordinates as the decoder will, logits over the decoder's own number embeddings
+    # against Gaussian targets of this width (in 0..1000 units).
+    coordinate_weight: float = 1.0
+    coordinate_sigma: float = 10.0
     held_out: int = 200  # the last scenes (a fifth at most): validation, never trained on
     log_every: int = 25
     validate_every: int = 100
@@ -213,30 +220,48 @@ def group(name: str) -> str:
 CLASS_GROUPS = np.array([group(name) for name in CLASSES])
 
 
-class DenseHeads(nn.Module):
-    """The model's encoder and connector (shared, not copied) with linear heads: a class and a
-    box per token, and for an encoder with a convolutional embedding, a class per patch read
-    from that embedding alone."""
+class DenseOutputs(NamedTuple):
+    classes: mx.array  # [tiles, tokens, classes] logits
+    boxes: mx.array  # [tiles, tokens, 4] in 0..1
+    coordinates: mx.array | None  # [tiles, tokens, 4, 1001] logits over the number tokens
+    reading: mx.array | None  # [tiles, patches, classes] logits of the conv embedding alone
 
-    def __init__(self, model: MM1Model):
+
+class DenseHeads(nn.Module):
+    """The model's encoder and connector (shared, not copied) with linear heads on each token:
+    its class and its box; the box's coordinates as the decoder writes them (tokenizers with a
+    token per integer 0..1000); and, for an encoder with a convolutional embedding, a class
+    per patch read from that embedding alone."""
+
+    def __init__(self, model: MM1Model, tokenizer: Any):
         super().__init__()
         self.vision = model.vision
         self.connector = model.connector
         width = model.config.connector_config.output_dim
         self.classes = nn.Linear(width, len(CLASSES))
         self.boxes = nn.Linear(width, 4)
+        numbers = number_token_ids(tokenizer)
+        if numbers is not None:
+            # The embeddings a box answer's coordinates are written with (tied to the output
+            # layer): the first after "[", the others after a space. Not trained here.
+            plain, spaced = (model.token_embedding.weight[mx.array(ids)] for ids in numbers)
+            self._numbers = mx.stack([plain, spaced, spaced, spaced])
+            self.coordinates = nn.Linear(width, 4 * width, bias=False)
         if self.vision.config.conv_channels:
             self.reading = nn.Linear(self.vision.config.width, len(CLASSES))
 
-    def __call__(self, pixels: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
+    def __call__(self, pixels: mx.array) -> DenseOutputs:
         patches = self.vision.patch_embed(pixels)
-        reading = None
+        reading = coordinates = None
         if self.vision.config.conv_channels:
             conv = self.vision.conv_embed(pixels)
             patches = patches + conv
             reading = self.reading(conv.reshape(len(pixels), -1, conv.shape[-1]))
         tokens = self.connector(self.vision.encode(patches))
-        return self.classes(tokens), self.boxes(tokens), reading
+        if "coordinates" in self:
+            codes = self.coordinates(tokens).reshape(*tokens.shape[:-1], 4, tokens.shape[-1])
+            coordinates = mx.einsum("tckw,knw->tckn", codes, self._numbers)
+        return DenseOutputs(self.classes(tokens), self.boxes(tokens), coordinates, reading)
 
 
 def class_weights(button_weight: float) -> np.ndarray:
@@ -261,38 +286,55 @@ def dense_loss(
 ) -> mx.array:
     """The class and box losses of a batch (and the reading loss where there is one), each a
     mean over its own cells of the global batch (`loss_totals`)."""
-    logits, predicted, reading = net(batch.pixels)
+    outputs = net(batch.pixels)
     things, weights, background, text = (max(total, 1) for total in totals)
     on_thing = batch.classes > 0
     # Three cells in four are background: averaged over all cells, "nothing" everywhere is a
     # good first answer and the things are learned slowly. Each half gets its own mean.
-    cross_entropy = nn.losses.cross_entropy(logits, batch.classes)
+    cross_entropy = nn.losses.cross_entropy(outputs.classes, batch.classes)
     cell_weights = mx.array(class_weights(settings.button_weight))[batch.classes]
     loss = (cross_entropy * cell_weights).sum() / weights
     loss += (cross_entropy * ~on_thing).sum() / background
-    box_error = (mx.abs(predicted - batch.boxes).sum(-1) * on_thing).sum() / things
+    box_error = (mx.abs(outputs.boxes - batch.boxes).sum(-1) * on_thing).sum() / things
     loss += settings.box_weight * box_error
-    if reading is not None:
+    if outputs.coordinates is not None:
+        targets = gaussian_targets(batch.boxes, settings.coordinate_sigma)
+        log_probs = outputs.coordinates - mx.logsumexp(outputs.coordinates, -1, keepdims=True)
+        coordinate_error = -(targets * log_probs).sum((-2, -1)) * on_thing
+        loss += settings.coordinate_weight * coordinate_error.sum() / things
+    if outputs.reading is not None:
         on_text = batch.text_classes > 0
-        reading_error = nn.losses.cross_entropy(reading, batch.text_classes) * on_text
+        reading_error = nn.losses.cross_entropy(outputs.reading, batch.text_classes) * on_text
         loss += settings.reading_weight * reading_error.sum() / text
     return loss
 
 
+def gaussian_targets(boxes: mx.array, sigma: float) -> mx.array:
+    """Boxes [..., 4] in 0..1 -> [..., 4, 1001]: over the coordinates 0..1000, a Gaussian of
+    width `sigma` around each, as `train/coordinates.py` makes the decoder's targets."""
+    distance = mx.arange(COORDINATE_MAX + 1) - mx.round(COORDINATE_MAX * boxes)[..., None]
+    weights = mx.exp(-0.5 * (distance / sigma) ** 2)
+    return weights / weights.sum(-1, keepdims=True)
+
+
 def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
     """Cell accuracy per group of classes, the mean box-coordinate error on things (in the
-    answers' 0..1000 units) and, on the patches over text, the accuracy of the reading head
+    answers' 0..1000 units) of the box head and of the written coordinates and, on the patches
+    over text, the accuracy of the reading head
     and (where tokens and patches are the same cells) of the class head."""
-    parts = {"predicted": [], "true": [], "errors": [], "read": [], "text": []}
+    parts = {"predicted": [], "true": [], "errors": [], "written": [], "read": [], "text": []}
     for batch in batches:
-        logits, boxes, reading = net(batch.pixels)
-        parts["predicted"].append(logits.argmax(-1))
+        outputs = net(batch.pixels)
+        parts["predicted"].append(outputs.classes.argmax(-1))
         parts["true"].append(batch.classes)
-        parts["errors"].append(mx.abs(boxes - batch.boxes).mean(-1))
+        parts["errors"].append(COORDINATE_MAX * mx.abs(outputs.boxes - batch.boxes).mean(-1))
         parts["text"].append(batch.text_classes)
-        if reading is not None:
-            parts["read"].append(reading.argmax(-1))
-    predicted, true, errors, read, text = (
+        if outputs.coordinates is not None:
+            written = outputs.coordinates.argmax(-1) - mx.round(COORDINATE_MAX * batch.boxes)
+            parts["written"].append(mx.abs(written).mean(-1))
+        if outputs.reading is not None:
+            parts["read"].append(outputs.reading.argmax(-1))
+    predicted, true, errors, written, read, text = (
         np.concatenate([np.array(part).ravel() for part in arrays]) if arrays else None
         for arrays in parts.values()
     )
@@ -303,7 +345,9 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
         if (groups == name).any()
     }
     if (true > 0).any():
-        metrics["box_error"] = float(1000 * errors[true > 0].mean())
+        metrics["box_error"] = float(errors[true > 0].mean())
+    if (true > 0).any() and written is not None:
+        metrics["coordinate_error"] = float(written[true > 0].mean())
     on_text = text > 0
     if on_text.any() and len(text) == len(true):
         metrics["text_accuracy"] = float((predicted == text)[on_text].mean())
@@ -371,7 +415,8 @@ def dense_pretrain(
     mx.random.seed(settings.seed)
     rng = random.Random(settings.seed)
     model, processor = load(model_path)
-    net = DenseHeads(model)  # the decoder is not in it, so it gets no gradients
+    # The decoder is not in it, so it gets no gradients.
+    net = DenseHeads(model, processor.tokenizer)
     batcher = TileBatcher(processor, model.config.num_image_tokens)
     # Decoded once: the same scenes are scored every `validate_every` steps (by rank 0).
     chunks = range(0, num_held_out if is_main else 0, 32)

@@ -34,6 +34,16 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 2 * len(NUMBERS) - 10
 MAX_VOCAB_SIZE = 1_000_000  # far past any real BPE vocabulary (the trainer aborts on huge ones)
 
 
+def number_token_ids(tokenizer) -> tuple[list[int], list[int]] | None:
+    """The token ids of 0..1000 alone and after a space (a box's first coordinate follows "[",
+    the others a space), or None unless each of them is one token."""
+    plain = [tokenizer.encode(text, add_special_tokens=False) for text in NUMBERS]
+    spaced = [tokenizer.encode(" " + text, add_special_tokens=False) for text in NUMBERS]
+    if any(len(ids) != 1 for ids in plain + spaced):
+        return None
+    return [ids[0] for ids in plain], [ids[0] for ids in spaced]
+
+
 def texts_of(record: dict) -> Iterator[str]:
     """Every text in a JSONL record of any of the four data formats (not image paths); chat
     messages as the chat template writes them."""
