@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -41,7 +43,8 @@ from mm1_mlx.apps import server  # noqa: E402
 from mm1_mlx.boxes import format_box  # noqa: E402
 from mm1_mlx.generate import generate  # noqa: E402
 
-# Screenshots go to a temporary folder; MM1_MLX_SCREENSHOTS=docs refreshes the README's.
+# Screenshots of the test go to a temporary folder, to look at when it fails (the README's come
+# from docs/screenshots.py and the demo model).
 SCREENSHOTS = Path(os.environ.get("MM1_MLX_SCREENSHOTS") or tempfile.mkdtemp(prefix="mm1-shots-"))
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -368,3 +371,26 @@ def test_phone_sized_viewport_fits_without_horizontal_scrolling(open_page):
     assert composer["x"] >= 0 and composer["x"] + composer["width"] <= 390
     assert composer["y"] + composer["height"] <= 844
     save_screenshot(page, "app-phone.png")
+
+
+def test_the_readme_pictures_script_runs(tmp_path):
+    """docs/screenshots.py, as the README runs it (the demo model): the three pictures, and
+    each answer printed."""
+    if not chromium_paths():
+        pytest.skip("no Chromium")
+    script = Path(__file__).resolve().parent.parent / "docs" / "screenshots.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "app-phone.png",
+        "app.png",
+        "demo-send.png",
+    ]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("screen.png: Where is the Send button? -> ")
+    assert sum("List the buttons. -> " in line for line in lines) == 2
