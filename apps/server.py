@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -825,6 +825,28 @@ def listening_socket(host: str, port: int) -> socket.socket:
         listener.close()
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
     return listener
+
+
+@contextmanager
+def serving_in_thread(app: Starlette) -> Iterator[str]:
+    """`app` served by uvicorn on a free 127.0.0.1 port, in a thread of this process (for tests
+    and scripts); yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
 
 
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -18,11 +18,6 @@ import argparse
 import io
 import random
 import shutil
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -71,27 +66,6 @@ def fresh_screen(seed: int) -> tuple[bytes, list[tuple[str, str]]]:
         ("List the buttons.", ", ".join(button.label for button in buttons)),
     ]
     return picture.getvalue(), questions
-
-
-@contextmanager
-def live_app(model, processor, name: str) -> Iterator[str]:
-    """The app on a free local port, served by uvicorn in a thread; yields its URL."""
-    import uvicorn
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    app = server.create_app(model, processor, name)
-    runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=runner.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    while not runner.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        runner.should_exit = True
-        thread.join(10)
-        listener.close()
 
 
 def browser_path() -> str:
@@ -143,7 +117,7 @@ def main() -> None:
     model, processor = load(model_or_default(args.model))
     quick_start(model, processor, args.out)
     picture, questions = fresh_screen(args.seed)
-    with live_app(model, processor, "demo") as url:
+    with server.serving_in_thread(server.create_app(model, processor, "demo")) as url:
         app_screenshots(url, picture, questions, args.out)
 
 

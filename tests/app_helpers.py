@@ -1,12 +1,8 @@
-"""Helpers for the chat app's tests: a live server on a free loopback port, and an app screen."""
+"""Helpers for the chat app's tests: an app screen, data URLs, recorded generations."""
 
 import base64
 import io
-import socket
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from PIL import Image, ImageDraw
 
@@ -49,25 +45,3 @@ def record_generation(monkeypatch, hold: threading.Event | None = None) -> list:
 
     monkeypatch.setattr(generate, "generate_tokens", recording)
     return chunks
-
-
-@contextmanager
-def live_server(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

@@ -24,7 +24,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from app_helpers import data_url, live_server, record_generation, screen_png  # noqa: E402
+from app_helpers import data_url, record_generation, screen_png  # noqa: E402
 from helpers import run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
@@ -49,7 +49,7 @@ def app(tiny_model):
 
 @pytest.fixture(scope="module")
 def url(app):
-    with live_server(app) as base:
+    with server.serving_in_thread(app) as base:
         yield base
 
 
@@ -383,7 +383,7 @@ def test_requests_the_server_stops_before_answering_get_503(tiny_model, monkeypa
 
     monkeypatch.setattr(server.Generator, "_generate", held)
     hi = [{"role": "user", "content": "hi"}]
-    with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+    with server.serving_in_thread(app) as base, httpx.Client(base_url=base, timeout=30) as client:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             running = pool.submit(ask, client, hi)
             time.sleep(0.2)

@@ -31,7 +31,6 @@ from app_helpers import (  # noqa: E402
     SCREEN_SIZE,
     SEND_BUTTON,
     data_url,
-    live_server,
     record_generation,
     screen_png,
 )
@@ -139,7 +138,7 @@ def app(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def url(app):
-    with live_server(app) as base:
+    with server.serving_in_thread(app) as base:
         yield base
 
 

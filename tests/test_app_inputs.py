@@ -19,7 +19,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from app_helpers import data_url, live_server  # noqa: E402
+from app_helpers import data_url  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
@@ -52,7 +52,7 @@ def served_app(tiny_model):
 
 @pytest.fixture(scope="module")
 def url(served_app):
-    with live_server(served_app) as base:
+    with server.serving_in_thread(served_app) as base:
         yield base
 
 
