@@ -13,7 +13,7 @@ work="${1:-demo-work}"
 n="${2:-12000}"
 eval_per_task="${3:-50}"
 train_args=("${@:4}")
-dense_steps="${DENSE_STEPS:-1600}"
+dense_steps="${DENSE_STEPS:-700}"
 if [ "$(uname -s)" = Darwin ]; then ranks="${RANKS:-1}"; else ranks="${RANKS:-2}"; fi
 mkdir -p "$work"
 cp "$here/config.json" "$here/pretrain.toml" "$here/sft.toml" "$work/"
