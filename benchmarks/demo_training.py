@@ -5,17 +5,14 @@
 Builds a small copy of the demo recipe's world in a temporary folder (`data synth` with both
 seeds, the tokenizer, `init`), then runs each stage as build.sh does, through the CLI, for a
 few steps with 1 process (default threads) and with 2 ranks, alternating round by round:
-- dense pre-training (`data dense-pretrain`, 32 images a step): images/s over the second half
-  of a run of 2 x steps, as its progress line reports it;
-- pre-training and SFT (`train pretrain.toml` / `sft.toml`, from the untrained model: the speed
-  does not depend on the weights): tokens/s, the median of each run's steps after the first two
-  (from metrics.jsonl).
+dense pre-training (`train dense.toml`, 32 images a step: images/s), pre-training and SFT
+(`train pretrain.toml` / `sft.toml`, from the untrained model: the speed does not depend on the
+weights; tokens/s); each the median of a run's steps after the first two (from metrics.jsonl).
 Prints each stage's medians and the ratio 2 ranks / 1 process.
 """
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import subprocess
@@ -38,7 +35,7 @@ def cli(*args: str, cwd: Path) -> str:
 
 
 def build_world(work: Path, images: int) -> None:
-    for name in ("config.json", "pretrain.toml", "sft.toml"):
+    for name in ("config.json", "dense.toml", "pretrain.toml", "sft.toml"):
         shutil.copy(RECIPE / name, work / name)
     for half, seed in (("data-a", "1"), ("data-b", "2")):
         cli("data", "synth", "--out", half, "--n", str(images), "--seed", seed,
@@ -49,25 +46,16 @@ def build_world(work: Path, images: int) -> None:
         cwd=work)  # fmt: skip
 
 
-def dense_images_per_s(work: Path, ranks: int, steps: int) -> float:
-    """Images/s over the second `steps` of 2 x steps (what the last progress line reports)."""
-    out = work / f"dense-{ranks}"
-    printed = cli("data", "dense-pretrain", "base", "--scenes", "data-a/scenes.jsonl",
-                  "--scenes", "data-b/scenes.jsonl", "--out", str(out), "--steps",
-                  str(2 * steps), "--log-every", str(steps), "--batch-size", "32",
-                  "--ranks", str(ranks), cwd=work)  # fmt: skip
-    shutil.rmtree(out)
-    return float(re.findall(r"images_per_s (\S+)", printed)[-1])
-
-
-def train_tokens_per_s(work: Path, stage: str, ranks: int, steps: int) -> float:
+def stage_speed(work: Path, stage: str, ranks: int, steps: int) -> float:
+    """The median images/s (dense) or tokens/s of `steps` steps after two to warm up."""
     out = work / f"{stage}-{ranks}"
     cli("train", f"{stage}.toml", "--out", str(out), "--ranks", str(ranks),
         "--set", "model=base", "--set", f"train.steps={steps + 2}", "--set", "log.every=1",
-        "--set", f"checkpoint.every={steps + 2}", "--set", "optimizer.warmup_steps=1",
-        cwd=work)  # fmt: skip
+        "--set", "log.eval_every=0", "--set", f"checkpoint.every={steps + 2}",
+        "--set", "optimizer.warmup_steps=1", cwd=work)  # fmt: skip
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    speeds = [json.loads(line)["tokens_per_s"] for line in lines[2:]]
+    speed = "images_per_s" if stage == "dense" else "tokens_per_s"
+    speeds = [json.loads(line)[speed] for line in lines[2:]]
     shutil.rmtree(out)
     return statistics.median(speeds)
 
@@ -83,20 +71,21 @@ def main() -> None:
     if args.tiny:
         args.images, args.steps, args.rounds = 40, 1, 1
     stages = {
-        "dense pre-training (images/s)": lambda w, r: dense_images_per_s(w, r, args.steps),
-        "pre-training (tokens/s)": lambda w, r: train_tokens_per_s(w, "pretrain", r, args.steps),
-        "SFT (tokens/s)": lambda w, r: train_tokens_per_s(w, "sft", r, args.steps),
+        "dense pre-training (images/s)": "dense",
+        "pre-training (tokens/s)": "pretrain",
+        "SFT (tokens/s)": "sft",
     }
     results = {stage: {setting: [] for setting in SETTINGS} for stage in stages}
     with tempfile.TemporaryDirectory(prefix="mm1-demo-bench-") as folder:
         work = Path(folder)
         build_world(work, args.images)
         for index in range(args.rounds):  # alternating order
-            for stage, measure in stages.items():
+            for stage, recipe in stages.items():
                 order = SETTINGS if index % 2 == 0 else SETTINGS[::-1]
                 for setting in order:
                     ranks = 1 if setting == "1 process" else 2
-                    results[stage][setting].append(measure(work, ranks))
+                    speed = stage_speed(work, recipe, ranks, args.steps)
+                    results[stage][setting].append(speed)
     print(f"| stage | {' | '.join(SETTINGS)} | 2 ranks / 1 process |")
     print("|---|---|---|---|")
     for stage, runs in results.items():

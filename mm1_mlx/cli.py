@@ -403,6 +403,10 @@ def interruption_reported() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+# What every step logs; anything else a step reports is a validation.
+STEP_METRICS = ("step", "loss", "lr", "grad_norm")
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML (see train/recipes/).")],
@@ -426,11 +430,11 @@ def train(
         TimeRemainingColumn,
     )
 
-    from mm1_mlx.train.recipe import load_recipe
+    from mm1_mlx.train.recipe import global_batch_size, load_recipe
     from mm1_mlx.train.trainer import train as run
 
     settings = load_recipe(recipe, set_ or [], out)
-    run_as_ranks(ranks, settings.data.batch_size)
+    run_as_ranks(ranks, global_batch_size(settings))
     columns = [
         TextColumn("[bold]train"),
         BarColumn(),
@@ -445,14 +449,17 @@ def train(
 
         def report(step: int, values: dict) -> None:
             status = f"loss {values['loss']:.4f}  lr {values['lr']:.2e}  "
-            status += f"{values['tokens_per_s']:.0f} tok/s"
-            if "val_loss" in values:
-                status += f"  val {values['val_loss']:.4f}"
+            speed = "tokens_per_s" if "tokens_per_s" in values else "images_per_s"
+            status += f"{values[speed]:.0f} {speed.split('_')[0]}/s"
+            scores = {k: v for k, v in values.items() if k not in (*STEP_METRICS, speed)}
+            if scores:  # a validation
+                line = "  ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                progress.console.print(f"step {step}: {line}")
             progress.update(task, completed=step, status=status, refresh=True)
 
         with interruption_reported():
             result = run(settings, resume=resume, reporter=report)
-    typer.echo(f"wrote {result.out} after {result.steps} steps; {result.skipped}")
+    typer.echo(f"wrote {result.out} after {result.steps} steps; {result.summary}")
 
 
 data_app = typer.Typer(help="Datasets: the synthetic world.", no_args_is_help=True)
@@ -496,40 +503,6 @@ def data_tokenizer(
 
     tokenizer = train_tokenizer(files, out, vocab_size, force)
     typer.echo(f"wrote {out}: {len(tokenizer)} tokens")
-
-
-@data_app.command("dense-pretrain")
-def data_dense_pretrain(
-    model: Annotated[str, typer.Argument(help="Model folder to start from (mm1-mlx init).")],
-    scenes: Annotated[list[Path], typer.Option(help="scenes.jsonl of `data synth` (repeatable).")],
-    out: Annotated[Path, typer.Option(help="Output model folder.")],
-    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 400,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 16,
-    lr: Annotated[float, typer.Option(callback=finite(above=0), help="Peak learning rate.")] = 1e-3,
-    seed: Annotated[int, seed_option("Random seed.")] = 0,
-    log_every: Annotated[
-        int, typer.Option(min=1, help="Print loss, learning rate and images/s every N steps.")
-    ] = 25,
-    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the unfinished run checkpointed in OUT.partial.")
-    ] = False,
-    ranks: Annotated[int, RANKS] = 1,
-) -> None:
-    """Pre-train the image encoder and connector on the synthetic world's per-token labels
-    (what lies under each image token, and its box) before any language training."""
-    from mm1_mlx.train.dense import DenseSettings, dense_pretrain
-
-    def report(step: int, values: dict) -> None:
-        typer.echo(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
-
-    settings = DenseSettings(
-        steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=log_every
-    )
-    run_as_ranks(ranks, batch_size)
-    with interruption_reported():
-        dense_pretrain(model, scenes, out, settings, force, report, resume)
-    typer.echo(f"wrote {out}")
 
 
 @data_app.command("inspect")

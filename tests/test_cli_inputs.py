@@ -21,7 +21,6 @@ CONVERT = ["convert", "--vision", "{vision}", "--llm", "{llm}", "--num-image-tok
 CHAT = ["chat", "--model", "{model}"]
 EVAL = ["eval", "--model", "{model}", "--data", "{eval}"]
 SYNTH = ["data", "synth", "--eval-per-task", "1"]
-DENSE = ["data", "dense-pretrain", "{model}", "--scenes", "{file}", "--out", "{out}"]
 
 # (case, a change to the tiny model's config.json for `init`, a substring of the error line)
 INIT_CONFIGS = [
@@ -172,9 +171,6 @@ CASES = [
                                          "--vocab-size", "10"], "--vocab-size"),
     ("tokenizer: a line that is not JSON", ["data", "tokenizer", "{bad_jsonl}", "--out", "{out}"],
      "not JSON"),
-    ("dense-pretrain: out holds the model", ["data", "dense-pretrain", "{model}", "--scenes",
-                                            "{file}", "--out", "{parts}", "--force"],
-     "holds the input"),
     ("quantize: out holds the model", ["quantize", "{model}", "--out", "{parts}", "--force"],
      "holds the input"),
     ("quantize: out is the model", ["quantize", "{model}", "--out", "{model}", "--force"],
@@ -184,9 +180,6 @@ CASES = [
      "holds the input"),
     ("init: out holds the config", ["init", "{model}/config.json", "--tokenizer", "{model}",
                                     "--out", "{parts}", "--force"], "holds the input"),
-    ("dense-pretrain: nan learning rate", [*DENSE, "--lr", "nan"], "--lr"),
-    ("dense-pretrain: learning rate 0", [*DENSE, "--lr", "0"], "--lr"),
-    ("dense-pretrain: negative seed", [*DENSE, "--seed", "-1"], "--seed"),
     ("unknown option", [*CHAT, "--temperature", "1", "hi"], "--temperature"),
     ("chat: annotate without an image", [*CHAT, "--annotate", "{tmp}/answer.png", "hi"],
      "--annotate"),
@@ -217,10 +210,6 @@ CASES = [
      "no text to learn from"),
     ("tokenizer: vocabulary too large", ["data", "tokenizer", "{jsonl}", "--out", "{out}",
                                          "--vocab-size", "100000000000"], "at most 1,000,000"),
-    ("dense-pretrain: scenes not UTF-8", ["data", "dense-pretrain", "{model}", "--scenes",
-                                          "{not_utf8}", "--out", "{out}"], "not UTF-8 text"),
-    ("dense-pretrain: scenes nested 100k deep", ["data", "dense-pretrain", "{model}", "--scenes",
-                                                 "{deep_jsonl}", "--out", "{out}"], "too deeply"),
     ("train: recipe nested 50k deep", ["train", "{deep_toml}"], "nested too deeply"),
     ("eval: a later line's markers do not match its images", [*EVAL, "--data", "{markers}"],
      "markers.jsonl:2: the prompt has 2 <image> markers but 1 images"),

@@ -141,7 +141,8 @@ def test_the_demo_recipe_runs_end_to_end(tmp_path):
     short = [f"--set={setting}" for setting in settings]
     build = ROOT / "train/recipes/demo/build.sh"
     work = tmp_path / "work"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DENSE_STEPS": "4"}
+    dense = "--set=train.steps=4 --set=optimizer.warmup_steps=1 --set=dense.batch_size=8"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DENSE_ARGS": dense}
     result = subprocess.run(
         ["bash", str(build), str(work), "40", "1", *short],
         capture_output=True,

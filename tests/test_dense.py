@@ -16,15 +16,15 @@ from mm1_mlx.train import synth
 from mm1_mlx.train.dense import (
     CLASSES,
     DenseHeads,
-    DenseSettings,
     SceneImage,
     TileBatcher,
     cell_centres,
     cell_targets,
-    dense_pretrain,
     gaussian_targets,
 )
+from mm1_mlx.train.recipe import load_recipe
 from mm1_mlx.train.tokenizer import number_token_ids
+from mm1_mlx.train.trainer import train
 
 
 def test_cell_centres_of_a_whole_image_and_of_a_split_screen():
@@ -135,24 +135,48 @@ def write_scenes(folder, count: int) -> None:
     (folder / "scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_dense_pretrain_trains_the_encoder_and_keeps_the_decoder(tmp_path):
-    write_scenes(tmp_path / "data", 12)
-    settings = DenseSettings(steps=3, batch_size=4, held_out=4, log_every=1)
-    reports = []
-    metrics = dense_pretrain(
-        DEMO_MODEL,
-        [tmp_path / "data" / "scenes.jsonl"],
-        tmp_path / "out",
-        settings,
-        report=lambda step, values: reports.append((step, values)),
-    )
-    assert [step for step, _ in reports] == [1, 2, 3, 3]
-    assert {"nothing_accuracy", "shape_accuracy", "box_error"} <= set(metrics)
-    assert reports[-1] == (3, metrics)
-    before, _ = load(DEMO_MODEL)
-    after, _ = load(tmp_path / "out")
+def dense_recipe(folder, model=DEMO_MODEL, out="out", *overrides: str):
+    """A dense stage on `folder`/data's scenes: 4 steps of 4 images, validated every 2."""
+    text = f"""
+model = "{model}"
+out = "{out}"
+[dense]
+scenes = ["data/scenes.jsonl"]
+batch_size = 4
+held_out = 4
+[optimizer]
+lr = 1e-3
+warmup_steps = 1
+[train]
+steps = 4
+[checkpoint]
+every = 2
+[log]
+every = 1
+eval_every = 2
+"""
+    (folder / "dense.toml").write_text(text)
+    return load_recipe(folder / "dense.toml", list(overrides))
+
+
+def changed_weights(before_folder, after_folder) -> set[str]:
+    before, _ = load(before_folder)
+    after, _ = load(after_folder)
     old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
-    changed = {name for name in old if not mx.array_equal(old[name], new[name]).item()}
+    return {name for name in old if not mx.array_equal(old[name], new[name]).item()}
+
+
+def test_a_dense_stage_trains_the_encoder_and_keeps_the_decoder(tmp_path):
+    write_scenes(tmp_path / "data", 12)
+    reports = []
+    result = train(dense_recipe(tmp_path), reporter=lambda step, values: reports.append(values))
+    assert [values["step"] for values in reports] == [1, 2, 3, 4]
+    assert {"nothing_accuracy", "shape_accuracy", "box_error"} <= set(reports[1])
+    assert "shape_accuracy" not in reports[0] and "shape_accuracy" in reports[3]
+    assert result.summary.startswith("held-out cells: nothing_accuracy ")
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    changed = changed_weights(DEMO_MODEL, tmp_path / "out")
     assert any(name.startswith("vision.") for name in changed)
     assert any(name.startswith("connector.") for name in changed)
     assert not any(name.startswith("decoder.") for name in changed)
@@ -166,18 +190,12 @@ def test_an_encoder_with_a_conv_embedding_learns_to_read_through_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     init_model_folder(tmp_path / "config.json", DEMO_MODEL, tmp_path / "model")
     write_scenes(tmp_path / "data", 12)
-    settings = DenseSettings(steps=2, batch_size=4, held_out=4)
-    metrics = dense_pretrain(
-        tmp_path / "model", [tmp_path / "data" / "scenes.jsonl"], tmp_path / "out", settings
-    )
-    assert {"reading_accuracy", "text_accuracy", "button_accuracy"} <= set(metrics)
-    assert "coordinate_error" in metrics  # the demo tokenizer has a token per 0..1000
-    before, _ = load(tmp_path / "model")
-    after, _ = load(tmp_path / "out")
-    old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
-    assert not mx.array_equal(
-        old["vision.conv_embed.conv1.weight"], new["vision.conv_embed.conv1.weight"]
-    ).item()
+    reports = []
+    recipe = dense_recipe(tmp_path, tmp_path / "model", "out", "train.steps=2")
+    train(recipe, reporter=lambda step, values: reports.append(values))
+    assert {"reading_accuracy", "text_accuracy", "button_accuracy"} <= set(reports[-1])
+    assert "coordinate_error" in reports[-1]  # the demo tokenizer has a token per 0..1000
+    assert "vision.conv_embed.conv1.weight" in changed_weights(tmp_path / "model", tmp_path / "out")
 
 
 def test_gaussian_coordinate_targets_peak_at_the_written_number():
@@ -208,74 +226,99 @@ def test_the_coordinate_head_writes_with_the_decoders_number_embeddings():
 
 def test_a_batch_larger_than_the_training_scenes_is_refused_before_work(tmp_path):
     write_scenes(tmp_path / "data", 12)  # 10 to train on, 2 held out (a fifth)
-    settings = DenseSettings(steps=1, batch_size=11, held_out=4)
-    with pytest.raises(UserError, match="--batch-size 11 is more than the 10 training scenes"):
-        dense_pretrain(DEMO_MODEL, [tmp_path / "data" / "scenes.jsonl"], tmp_path / "out", settings)
+    recipe = dense_recipe(tmp_path, DEMO_MODEL, "out", "dense.batch_size=11")
+    with pytest.raises(UserError, match="dense.batch_size 11 is more than the 10 training scenes"):
+        train(recipe)
     assert not (tmp_path / "out").exists()
 
 
-def test_an_interrupted_run_resumes_exactly(tmp_path):
+def interrupt_at_step_3(step, values):
+    if step == 3:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_dense_stage_resumes_exactly(tmp_path):
     write_scenes(tmp_path / "data", 12)
-    scenes = [tmp_path / "data" / "scenes.jsonl"]
-    settings = DenseSettings(steps=4, batch_size=4, held_out=4, log_every=1, checkpoint_every=2)
-    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "whole", settings)
-
-    def interrupt_at_step_3(step, values):
-        if step == 3:
-            raise KeyboardInterrupt
-
+    train(dense_recipe(tmp_path, DEMO_MODEL, "whole"))
+    recipe = dense_recipe(tmp_path)
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
-        dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, report=interrupt_at_step_3)
-    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
+        train(recipe, reporter=interrupt_at_step_3)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
     with pytest.raises(UserError, match="--resume continues it"):
-        dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings)
-    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, resume=True)
-    assert not (tmp_path / "out.partial").exists()
+        train(recipe)
+    train(recipe, resume=True)
     whole, resumed = (mx.load(str(tmp_path / n / "model.safetensors")) for n in ("whole", "out"))
     assert all(mx.array_equal(whole[name], resumed[name]).item() for name in whole)
 
 
 def test_a_damaged_last_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
     write_scenes(tmp_path / "data", 12)
-    scenes = [tmp_path / "data" / "scenes.jsonl"]
-    settings = DenseSettings(steps=4, batch_size=4, held_out=4, log_every=1, checkpoint_every=2)
-    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "whole", settings)
-
-    def interrupt_at_step_3(step, values):
-        if step == 3:
-            raise KeyboardInterrupt
-
+    train(dense_recipe(tmp_path, DEMO_MODEL, "whole"))
+    recipe = dense_recipe(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, report=interrupt_at_step_3)
-    weights = tmp_path / "out.partial" / "checkpoints" / "step-0000003" / "trainable.safetensors"
+        train(recipe, reporter=interrupt_at_step_3)
+    weights = tmp_path / "out" / "checkpoints" / "step-0000003" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk
-    dense_pretrain(DEMO_MODEL, scenes, tmp_path / "out", settings, resume=True)
+    train(recipe, resume=True)
     assert "unreadable trainable.safetensors" in capsys.readouterr().err
     whole, resumed = (mx.load(str(tmp_path / n / "model.safetensors")) for n in ("whole", "out"))
     assert all(mx.array_equal(whole[name], resumed[name]).item() for name in whole)
 
 
-def test_dense_pretrain_cli_reports_bad_input_in_one_line(tmp_path):
-    missing = tmp_path / "nope.jsonl"
-    code, _, err = run_cli(
-        "data", "dense-pretrain", str(DEMO_MODEL), "--scenes", str(missing), "--out", "x"
-    )
-    assert code == 1 and err.strip() == f"error: {missing}: no such scenes file"
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"image": "a.png", "type": "Cube"}\n')
-    code, _, err = run_cli(
-        "data", "dense-pretrain", str(DEMO_MODEL), "--scenes", str(bad), "--out", "x"
-    )
-    assert code == 1 and "bad.jsonl:1: not a scene record" in err
-    assert len(err.strip().splitlines()) == 1
+def test_the_dense_heads_train_at_the_full_rate_with_their_own_decay_groups(tmp_path):
+    """Every top-level module of what a stage trains is an optimizer group: the encoder and
+    connector take [modules.*]'s multipliers, the heads the full learning rate."""
+    write_scenes(tmp_path / "data", 12)
+    recipe = dense_recipe(tmp_path, DEMO_MODEL, "out", "modules.vision.lr_multiplier=0")
+    train(recipe)
+    changed = changed_weights(DEMO_MODEL, tmp_path / "out")
+    assert not any(name.startswith("vision.") for name in changed)
+    assert any(name.startswith("connector.") for name in changed)
 
 
-def test_an_existing_output_is_refused_before_training(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
-    code, _, err = run_cli(
-        "data", "dense-pretrain", str(DEMO_MODEL), "--scenes", "nope.jsonl",
-        "--out", str(tmp_path / "out"),
-    )  # fmt: skip
-    assert code == 1 and "already exists (pass --force to replace it)" in err
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dense.scenes=[]"], "dense.scenes must be a non-empty list"),
+        (["dense.scenes=['nope.jsonl']"], "nope.jsonl: no such file"),
+        (["dense.batch_size=0"], "dense.batch_size must be"),
+        (["dense.coordinate_sigma=0"], "dense.coordinate_sigma must be"),
+        (["dense.button_weight=-1"], "dense.button_weight must be"),
+        (["dense.held_out=0"], "dense.held_out must be"),
+        (["dense.unknown=1"], "unknown key 'unknown'"),
+        (["optimizer.lr='mm1'"], "a dense stage needs a number"),
+        (["modules.decoder.trainable=true"], "does not train the decoder"),
+        (["lora.rank=4"], "trains the encoder and connector in full"),
+        (["data.sources=[{path='data/scenes.jsonl', format='caption'}]"], "no data sources"),
+    ],
+)
+def test_a_bad_dense_recipe_is_one_line_before_work(tmp_path, overrides, message):
+    write_scenes(tmp_path / "data", 6)
+    with pytest.raises(UserError, match=message) as error:
+        dense_recipe(tmp_path, DEMO_MODEL, "out", *overrides)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"image": "a.png", "type": "Cube"}\n', "scenes.jsonl:1: not a scene record"),
+        (b'{"image": "\xff"}\n', "scenes.jsonl:1: not a scene record (not UTF-8 text"),
+        (b"[" * 100_000 + b"\n", "nested too deeply"),
+    ],
+)
+def test_a_bad_scenes_file_is_one_line_from_the_cli(tmp_path, content, message):
+    write_scenes(tmp_path / "data", 6)
+    dense_recipe(tmp_path)
+    (tmp_path / "data" / "scenes.jsonl").write_bytes(content)
+    code, _, err = run_cli("train", str(tmp_path / "dense.toml"))
+    assert code == 1 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_dense_stage_writing_over_its_inputs_is_refused(tmp_path):
+    write_scenes(tmp_path / "data", 6)
+    init_model_folder(DEMO_MODEL / "config.json", DEMO_MODEL, tmp_path / "model")
+    dense_recipe(tmp_path, tmp_path / "model", ".")
+    code, _, err = run_cli("train", str(tmp_path / "dense.toml"))
+    assert code == 1 and "holds the input" in err, err

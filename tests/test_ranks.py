@@ -1,5 +1,5 @@
 """Data-parallel ranks: the local launcher, the bucketed gradient sum, and 2 ranks training
-exactly like 1 (the trainer and dense pre-training)."""
+exactly like 1 (language and dense stages)."""
 
 import json
 import os
@@ -14,7 +14,7 @@ import time
 import mlx.core as mx
 import pytest
 from helpers import run_cli
-from test_dense import write_scenes
+from test_dense import dense_recipe, write_scenes
 from test_train import prepared_workdir
 
 from mm1_mlx.loading import DEMO_MODEL
@@ -74,19 +74,20 @@ def test_a_rank_that_fails_alone_stops_the_others(monkeypatch):
 
 
 @pytest.mark.slow
-def test_dense_pretraining_on_two_ranks_equals_one(tmp_path):
-    """The same last printed loss (4 digits) and weights (to float rounding): the ranks sum
-    their halves of a loss normalised by the whole batch's counts."""
+def test_a_dense_stage_on_two_ranks_equals_one(tmp_path):
+    """The same logged losses (to float rounding) and weights: the ranks sum their halves of a
+    loss normalised by the whole batch's counts."""
     write_scenes(tmp_path / "data", 12)
-    common = [str(DEMO_MODEL), "--scenes", str(tmp_path / "data" / "scenes.jsonl")]
-    common += ["--steps", "3", "--batch-size", "4"]
+    dense_recipe(tmp_path, DEMO_MODEL, "out", "train.steps=3")
     losses = []
     for count in (1, 2):
-        command = [sys.executable, "-m", "mm1_mlx", "data", "dense-pretrain", *common]
-        command += ["--out", str(tmp_path / f"out{count}"), "--ranks", str(count)]
-        result = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
-        losses.append(float(re.search(r"step 3: loss (\S+)", result.stdout).group(1)))
-    assert losses[0] == losses[1]
+        out = tmp_path / f"out{count}"
+        command = [sys.executable, "-m", "mm1_mlx", "train", str(tmp_path / "dense.toml")]
+        command += ["--set", "train.steps=3", "--out", str(out), "--ranks", str(count)]
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(line)["loss"] for line in lines])
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     one, two = (mx.load(str(tmp_path / f"out{n}" / "model.safetensors")) for n in (1, 2))
     assert one.keys() == two.keys()
     assert all(mx.allclose(one[name], two[name], rtol=1e-4, atol=1e-5).item() for name in one)

@@ -13,68 +13,32 @@ maps back to the image: tile pixel -> canvas -> image pixel (`cell_centres`).
 """
 
 import random
-import shutil
-import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 
 from mm1_mlx import splitting
 from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.errors import UserError
 from mm1_mlx.jsonl import parse_object
-from mm1_mlx.loading import check_writable, load, resolve_path, save_model
+from mm1_mlx.loading import load, resolve_path
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
 from mm1_mlx.train import synth
-from mm1_mlx.train.optim import compiled_update, make_schedule
-from mm1_mlx.train.ranks import init_group, sum_over_ranks
+from mm1_mlx.train.optim import compiled_update, freeze_modules
+from mm1_mlx.train.ranks import sum_over_ranks
+from mm1_mlx.train.recipe import DenseSettings, Recipe
 from mm1_mlx.train.tokenizer import number_token_ids
-from mm1_mlx.train.trainer import (
-    ABANDONED,
-    HeldStops,
-    StepAbandoned,
-    check_finite,
-    checkpoint_dirs,
-    resume_from,
-    save_checkpoint,
-)
+from mm1_mlx.train.trainer import save_final_model
 
 CLASSES = ("nothing", *synth.THING_NAMES)
 CLASS_IDS = {name: k for k, name in enumerate(CLASSES)}
-
-
-@dataclass
-class DenseSettings:
-    steps: int = 400
-    batch_size: int = 16  # images; a screen is three tiles, a shape scene one
-    lr: float = 1e-3
-    warmup_steps: int = 40
-    weight_decay: float = 0.1
-    box_weight: float = 2.0  # L1 on 0..1 coordinates is much smaller than the class loss
-    # A button cell's class loss counts this many times a shape's or a title's: a label must
-    # be read from a few glyphs anywhere in the button, by far the hardest target.
-    button_weight: float = 8.0
-    # Encoders with a convolutional embedding: its own label head on the patches over text,
-    # so that it learns to read glyphs directly, before the ViT learns to pass them on.
-    reading_weight: float = 1.0
-    # Tokenizers with one token per integer 0..1000: each thing cell also writes its box's
-    # four coordinates as the decoder will, logits over the decoder's own number embeddings
-    # against Gaussian targets of this width (in 0..1000 units). At weight 1 this loss (about
-    # 20, against a floor of 15) dominated the clipped gradient and slowed the class heads.
-    coordinate_weight: float = 0.25
-    coordinate_sigma: float = 10.0
-    held_out: int = 200  # the last scenes (a fifth at most): validation, never trained on
-    log_every: int = 25
-    validate_every: int = 100
-    checkpoint_every: int = 100  # into OUT.partial/, which --resume continues from
-    seed: int = 0
 
 
 @dataclass
@@ -362,9 +326,14 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
 
 @dataclass
 class SceneSampler:
-    """The training scenes' random order, saved and restored with each checkpoint."""
+    """The training scenes' random order: each step draws its batch from all of them, the same
+    on every rank. Saved and restored with each checkpoint."""
 
+    scenes: list[SceneImage]
     rng: random.Random
+
+    def draw(self, count: int) -> list[SceneImage]:
+        return self.rng.sample(self.scenes, count)
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
@@ -375,108 +344,69 @@ class SceneSampler:
         self.rng.setstate((version, tuple(internal), gauss))
 
 
-def partial_folder(out: Path) -> Path:
-    """Where an unfinished run keeps its checkpoints (not in OUT: OUT appears only when done)."""
-    return out.with_name(out.name + ".partial")
+class DenseStage:
+    """Dense pre-training as a stage of `mm1-mlx train` (a recipe with a `[dense]` table;
+    train/trainer.py runs the loop): the encoder and connector with their heads train on the
+    scenes' per-token targets; the model folder written at the end is the whole model, the
+    decoder as it came."""
 
+    def __init__(self, recipe: Recipe, group: Any):
+        settings = recipe.dense
+        scenes = read_scenes([Path(path) for path in settings.scenes])
+        num_held_out = min(settings.held_out, len(scenes) // 5)
+        if num_held_out < 1:
+            raise UserError(f"{len(scenes)} scenes are too few to hold some out (5 at least)")
+        train_items, held_out_items = scenes[:-num_held_out], scenes[-num_held_out:]
+        if settings.batch_size > len(train_items):
+            raise UserError(
+                f"dense.batch_size {settings.batch_size:,} is more than the "
+                f"{len(train_items):,} training scenes"
+            )
+        self.settings, self.recipe, self.group = settings, recipe, group
+        mx.random.seed(recipe.seed)  # the heads start the same on every rank
+        self.model, processor = load(recipe.model)
+        freeze_modules(self.model, recipe.modules)
+        self.trained = DenseHeads(self.model, processor.tokenizer)  # no decoder: no gradients
+        self.batcher = TileBatcher(processor, self.model.config.num_image_tokens)
+        self.data = SceneSampler(train_items, random.Random(recipe.seed))
+        self.throughput = ("images_per_s", settings.batch_size)
+        # Decoded once, by rank 0, which scores them.
+        chunks = range(0, num_held_out if group.rank() == 0 else 0, 32)
+        self.held_out = [self.batcher(held_out_items[k : k + 32]) for k in chunks]
 
-def dense_pretrain(
-    model_path: str | Path,
-    scene_files: list[Path],
-    out: Path,
-    settings: DenseSettings,
-    overwrite: bool = False,
-    report: Callable[[int, dict[str, float]], None] = lambda step, values: None,
-    resume: bool = False,
-) -> dict[str, float]:
-    """Train `model_path`'s encoder and connector on per-token targets; write the whole model
-    to `out` (atomically). Checkpoints go to `partial_folder(out)` every `checkpoint_every`
-    steps and on Ctrl-C; `resume` continues from the last one exactly. Returns the held-out
-    metrics at the end."""
-    check_writable(out, overwrite, inputs=[model_path, *scene_files])
-    partial = partial_folder(out)
-    checkpoints = checkpoint_dirs(partial)
-    if checkpoints and not resume:
-        raise UserError(f"{partial}: holds an unfinished run (--resume continues it)")
-    scenes = read_scenes(scene_files)
-    num_held_out = min(settings.held_out, len(scenes) // 5)
-    if num_held_out < 1:
-        raise UserError(f"{len(scenes)} scenes are too few to hold some out (5 at least)")
-    train_items, held_out_items = scenes[:-num_held_out], scenes[-num_held_out:]
-    group = init_group()
-    batch_size = settings.batch_size
-    if batch_size > len(train_items):
-        raise UserError(
-            f"--batch-size {batch_size:,} is more than the {len(train_items):,} training scenes"
+    def make_step(self, optimizer: Any) -> Callable[[Callable[[], None]], tuple[float, float]]:
+        net, settings, group = self.trained, self.settings, self.group
+        loss_and_grad = nn.value_and_grad(
+            net, lambda net, batch, totals: dense_loss(net, batch, settings, totals)
         )
-    if batch_size % group.size():
-        raise UserError(f"a batch of {batch_size} images does not split over {group.size()} ranks")
-    share = batch_size // group.size()
-    is_main = group.rank() == 0
-    mx.random.seed(settings.seed)
-    rng = random.Random(settings.seed)
-    model, processor = load(model_path)
-    # The decoder is not in it, so it gets no gradients.
-    net = DenseHeads(model, processor.tokenizer)
-    batcher = TileBatcher(processor, model.config.num_image_tokens)
-    # Decoded once: the same scenes are scored every `validate_every` steps (by rank 0).
-    chunks = range(0, num_held_out if is_main else 0, 32)
-    held_out = [batcher(held_out_items[k : k + 32]) for k in chunks]
-    schedule = make_schedule(
-        settings.lr, settings.steps, min(settings.warmup_steps, settings.steps)
-    )
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=settings.weight_decay)
-    loss_and_grad = nn.value_and_grad(
-        net, lambda net, batch, totals: dense_loss(net, batch, settings, totals)
-    )
-    sampler = SceneSampler(rng)
-    start = step = resume_from(partial, net, optimizer, sampler, setup={}, loud=is_main)
-    update = compiled_update(net, optimizer, grad_clip=1.0)
+        update = compiled_update(net, optimizer, self.recipe.train.grad_clip)
+        share = settings.batch_size // group.size()
+        mine = slice(group.rank() * share, (group.rank() + 1) * share)
 
-    def checkpoint() -> None:
-        if is_main:
-            save_checkpoint(partial, step, net, optimizer, sampler.state_dict(), keep=2)
+        def step(between: Callable[[], None]) -> tuple[float, float]:
+            # Every rank draws the same scenes; each decodes and runs its own share.
+            items = self.data.draw(settings.batch_size)
+            targets = [self.batcher.targets(item) for item in items]
+            batch = self.batcher(items[mine], targets[mine])
+            loss, grads = loss_and_grad(net, batch, loss_totals(targets, settings))
+            loss, grads = sum_over_ranks((loss, grads), group)
+            norm = update(grads)
+            mx.eval(loss, norm, net.parameters(), optimizer.state)
+            return loss.item(), norm.item()
 
-    logged_step, logged_at = step, time.perf_counter()
-    try:
-        with HeldStops(group) as stops:
-            while step < settings.steps:
-                # Every rank draws the same scenes; each decodes and runs its own share.
-                items = rng.sample(train_items, batch_size)
-                targets = [batcher.targets(item) for item in items]
-                mine = slice(group.rank() * share, (group.rank() + 1) * share)
-                batch = batcher(items[mine], targets[mine])
-                loss, grads = loss_and_grad(net, batch, loss_totals(targets, settings))
-                loss, grads = sum_over_ranks((loss, grads), group)
-                update(grads)
-                mx.eval(loss, net.parameters(), optimizer.state)
-                check_finite(loss.item(), step + 1)
-                step += 1
-                if stops.stop_now():
-                    raise KeyboardInterrupt
-                if is_main and (step % settings.log_every == 0 or step == settings.steps):
-                    now = time.perf_counter()
-                    speed = batch_size * (step - logged_step) / (now - logged_at)
-                    logged_step, logged_at = step, now
-                    report(
-                        step,
-                        {"loss": loss.item(), "lr": float(schedule(step)), "images_per_s": speed},
-                    )
-                if is_main and step % settings.validate_every == 0 and step < settings.steps:
-                    report(step, validate(net, held_out))
-                if step % settings.checkpoint_every == 0:
-                    checkpoint()
-    except StepAbandoned:
-        raise KeyboardInterrupt(ABANDONED) from None
-    except KeyboardInterrupt:
-        if step > start:
-            checkpoint()
-            raise KeyboardInterrupt(f"interrupted at step {step}; --resume continues") from None
-        raise
-    if not is_main:
-        return {}
-    metrics = validate(net, held_out)
-    report(settings.steps, metrics)
-    save_model(model, out, resolve_path(model_path), overwrite)
-    shutil.rmtree(partial, ignore_errors=True)
-    return metrics
+        return step
+
+    def running(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def validation_due(self, step: int) -> bool:
+        every = self.recipe.log.eval_every
+        return bool(every) and (step % every == 0 or step == self.recipe.train.steps)
+
+    def validate(self) -> dict[str, float]:
+        return validate(self.trained, self.held_out) if self.held_out else {}
+
+    def save(self, out: Path) -> str:
+        save_final_model(out, self.model, resolve_path(self.recipe.model))
+        scores = self.validate()
+        return "held-out cells: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())

@@ -146,7 +146,7 @@ def embedding_tables(model: nn.Module) -> set[str]:
 
 
 def make_optimizer(
-    model: MM1Model,
+    model: nn.Module,
     name: str,
     schedule: Schedule,
     weight_decay: float | str = 0.0,
@@ -154,7 +154,9 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
 ) -> optim.Optimizer:
-    """One optimizer for the whole model, with per-module learning-rate multipliers.
+    """One optimizer for the whole model, with per-module learning-rate multipliers. Each
+    top-level module is a group: "vision", "connector" and "decoder" take `modules`' settings,
+    any other (a training stage's own heads) the full learning rate.
 
     `name`: "adamw" (with bias correction, as PyTorch's; `betas` and `eps` apply to it) or
     "adafactor" (factored second moments, no first moment, the scheduled learning rate used as
@@ -171,7 +173,9 @@ def make_optimizer(
         return gradient.ndim >= 2 and leaf in DECAYED_LEAVES and path not in tables
 
     optimizers, filters = [], []
-    for module, settings in module_settings(modules).items():
+    settings_of = module_settings(modules)
+    for module in model.children():
+        settings = settings_of.get(module, ModuleSettings())
         lr = scaled(schedule, settings.lr_multiplier)
         for decayed in (True, False):
             decay = weight_decay if decayed else 0.0

@@ -1,6 +1,6 @@
 """Data-parallel ranks: starting them on this machine, finding the group, summing gradients.
 
-`mm1-mlx train RECIPE --ranks N` (and `data dense-pretrain --ranks N`) runs N ranks on this
+`mm1-mlx train RECIPE --ranks N` runs N ranks on this
 machine with MLX's ring backend over loopback. It starts them itself rather than through
 `mlx.launch`: that launcher relays the ranks' output by polling in a loop that never sleeps
 (a whole core busy, as `top` shows), which on a 2-core machine takes half the compute from

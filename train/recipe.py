@@ -4,10 +4,15 @@ A recipe names the model to start from, the data sources and their mixture weigh
 frozen, the optimizer and schedule, steps, batch, sequence length, checkpointing and the output
 folder. See train/recipes/ for examples.
 
-Paths: `model`, `out` and each data source's `path` (a file, a brace pattern or a list) and
-`images` are relative to the recipe file's folder, never to the working directory (`~` is the
-home folder), and are kept as absolute paths, so the same recipe read through another path, or
-from another working directory, reads the same data and resumes the same run. A `model` that
+A recipe with a `[dense]` table is the image encoder's dense pre-training (train/dense.py)
+instead: it reads scenes, not data sources, and shares the rest (optimizer, steps,
+checkpoints, metrics, ranks).
+
+Paths: `model`, `out`, each data source's `path` (a file, a brace pattern or a list) and
+`images`, and `dense.scenes` are relative to the recipe file's folder, never to the working
+directory (`~` is the home folder), and are kept as absolute paths, so the same recipe read
+through another path, or from another working directory, reads the same data and resumes the
+same run. A `model` that
 is no local folder but has the shape of a hub repo id ("owner/name") stays a repo id. `--out`
 on the command line is relative to the working directory, as command-line paths are.
 
@@ -102,11 +107,36 @@ class LogSettings:
 
 
 @dataclass
+class DenseSettings:
+    """The image encoder's dense pre-training (train/dense.py): a stage of its own, which reads
+    `mm1-mlx data synth`'s scenes instead of data.sources and trains the encoder and connector
+    (with heads of their own) to tell what lies under each image token."""
+
+    scenes: list[str]  # scenes.jsonl files
+    batch_size: int = 32  # images per step, across all ranks; a screen is three tiles
+    held_out: int = 200  # the last scenes (a fifth at most): validation, never trained on
+    box_weight: float = 2.0  # L1 on 0..1 coordinates is much smaller than the class loss
+    # A button cell's class loss counts this many times a shape's or a title's: a label must
+    # be read from a few glyphs anywhere in the button, by far the hardest target.
+    button_weight: float = 8.0
+    # Encoders with a convolutional embedding: its own label head on the patches over text,
+    # so that it learns to read glyphs directly, before the ViT learns to pass them on.
+    reading_weight: float = 1.0
+    # Tokenizers with one token per integer 0..1000: each thing cell also writes its box's
+    # four coordinates as the decoder will, logits over the decoder's own number embeddings
+    # against Gaussian targets of this width (in 0..1000 units). At weight 1 this loss (about
+    # 20, against a floor of 15) dominated the clipped gradient and slowed the class heads.
+    coordinate_weight: float = 0.25
+    coordinate_sigma: float = 10.0
+
+
+@dataclass
 class Recipe:
     model: str
     out: str
     seed: int = 0
     data: DataSettings = field(default_factory=DataSettings)
+    dense: DenseSettings | None = None
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     modules: dict[str, ModuleSettings] = field(default_factory=dict)
@@ -184,6 +214,17 @@ RULES: dict[tuple[type, str], Rule] = {
     ),
     (LoraSettings, "quantize_bits"): choice(SUPPORTED_BITS),
     (LoraSettings, "group_size"): choice(SUPPORTED_GROUP_SIZES),
+    (DenseSettings, "scenes"): Rule(
+        "a non-empty list of scenes.jsonl files",
+        lambda value: isinstance(value, list) and bool(value) and all(map(TEXT.test, value)),
+    ),
+    (DenseSettings, "batch_size"): integer(1),
+    (DenseSettings, "held_out"): integer(1),
+    (DenseSettings, "box_weight"): NON_NEGATIVE,
+    (DenseSettings, "button_weight"): NON_NEGATIVE,
+    (DenseSettings, "reading_weight"): NON_NEGATIVE,
+    (DenseSettings, "coordinate_weight"): NON_NEGATIVE,
+    (DenseSettings, "coordinate_sigma"): number(0, 1000, open_low=True),
     (CheckpointSettings, "every"): integer(1),
     (CheckpointSettings, "keep"): integer(1),
     (LogSettings, "every"): integer(1),
@@ -194,6 +235,7 @@ RULES: dict[tuple[type, str], Rule] = {
 # Which fields hold nested tables: (dataclass, field) -> how to build the value.
 _NESTED = {
     (Recipe, "data"): DataSettings,
+    (Recipe, "dense"): DenseSettings,
     (Recipe, "optimizer"): OptimizerSettings,
     (Recipe, "train"): TrainSettings,
     (Recipe, "lora"): LoraSettings,
@@ -273,6 +315,9 @@ def check_recipe(recipe: Recipe) -> None:
     optimizer = recipe.optimizer
     if optimizer.lr != "mm1":
         check_decay_fits(optimizer.lr, optimizer.weight_decay, recipe.modules)
+    if recipe.dense is not None:
+        check_dense_stage(recipe)
+        return
     if not recipe.data.sources:
         raise UserError("data.sources: the recipe has no data sources ([[data.sources]])")
     if recipe.log.eval_every and not recipe.data.validation:
@@ -280,6 +325,23 @@ def check_recipe(recipe: Recipe) -> None:
             f"log.eval_every is {recipe.log.eval_every} but the recipe has no validation data "
             "([[data.validation]]); 0 turns validation off"
         )
+
+
+def check_dense_stage(recipe: Recipe) -> None:
+    """A dense stage trains the encoder and connector on scenes, nothing else."""
+    if recipe.data.sources or recipe.data.validation:
+        raise UserError("data.sources: a dense stage ([dense]) reads dense.scenes, no data sources")
+    if recipe.lora is not None:
+        raise UserError("lora: a dense stage ([dense]) trains the encoder and connector in full")
+    if recipe.optimizer.lr == "mm1":
+        raise UserError("optimizer.lr: 'mm1' is a rule for decoders; a dense stage needs a number")
+    if recipe.modules.get("decoder", ModuleSettings()).trainable:
+        raise UserError("modules.decoder: a dense stage ([dense]) does not train the decoder")
+
+
+def global_batch_size(recipe: Recipe) -> int:
+    """What a step takes over all ranks: images in a dense stage, else sequences."""
+    return recipe.dense.batch_size if recipe.dense is not None else recipe.data.batch_size
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -342,6 +404,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             raise UserError(f"model: {model}: no such model folder")
         recipe.model = str(model)
     recipe.out = str(_writable_folder(local(recipe.out)))
+    if recipe.dense is not None:
+        recipe.dense.scenes = [str(_scenes_file(local(path))) for path in recipe.dense.scenes]
     for key in ("sources", "validation"):
         for index, source in enumerate(getattr(recipe.data, key)):
             _resolve_source(source, local)
@@ -363,6 +427,12 @@ def _resolve_source(source: SourceConfig, local) -> None:
         source.path = str(local(source.path))
     if source.images is not None:
         source.images = str(local(source.images))
+
+
+def _scenes_file(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"dense.scenes: {path}: no such file (`mm1-mlx data synth` writes one)")
+    return path
 
 
 def _is_repo_id(value: str) -> bool:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +53,7 @@ from mm1_mlx.train.optim import (
     trainable_summary,
 )
 from mm1_mlx.train.ranks import init_group, sum_over_ranks
-from mm1_mlx.train.recipe import Recipe
+from mm1_mlx.train.recipe import Recipe, global_batch_size
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -504,7 +504,109 @@ def logged_step(line: str) -> int:
     return step if type(step) is int else -1
 
 
-# -- the loop -----------------------------------------------------------------------------------
+# -- the stages ---------------------------------------------------------------------------------
+
+
+class Stage(Protocol):
+    """What the training loop needs of a stage: the module its optimizer updates and its
+    checkpoints hold, its position in its data, and one optimizer step. `LanguageStage` trains
+    on data.sources; train/dense.py's `DenseStage` pre-trains the image encoder on scenes."""
+
+    trained: nn.Module
+    data: DataPosition
+    throughput: tuple[str, int]  # ("tokens_per_s", tokens per step), or images per step
+
+    def make_step(self, optimizer: Any) -> Callable[[Callable[[], None]], tuple[float, float]]:
+        """`step(between) -> (loss, gradient norm)`; `between()` may abandon the step."""
+        ...
+
+    def running(self) -> AbstractContextManager: ...
+
+    def validation_due(self, step: int) -> bool: ...
+
+    def validate(self) -> dict[str, float]: ...
+
+    def save(self, out: Path) -> str:
+        """Write the finished model into `out`; return the stage's last word (for the CLI)."""
+        ...
+
+
+@dataclass
+class LanguageStage:
+    """Pre-training, continual pre-training or SFT of the model on data.sources."""
+
+    recipe: Recipe
+    model: MM1Model
+    processor: Any
+    data: DataLoader
+    group: Any
+
+    @property
+    def trained(self) -> MM1Model:
+        return self.model
+
+    @property
+    def throughput(self) -> tuple[str, int]:
+        data, accumulation = self.recipe.data, self.recipe.train.grad_accumulation
+        return "tokens_per_s", data.batch_size * data.seq_len * accumulation
+
+    def make_step(self, optimizer: Any) -> Callable[[Callable[[], None]], tuple[float, float]]:
+        smoothing = coordinate_smoothing(self.recipe, self.model, self.processor)
+        train_step = make_train_step(self.model, optimizer, self.recipe, self.group, smoothing)
+        count = self.recipe.train.grad_accumulation
+
+        def step(between: Callable[[], None]) -> tuple[float, float]:
+            return train_step(micro_batches(self.data, count, between), between)
+
+        return step
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self.model.train()  # LoRA dropout on
+        with gradient_checkpointing(self.model, self.recipe.train.gradient_checkpointing):
+            yield
+
+    def validation_due(self, step: int) -> bool:
+        every = self.recipe.log.eval_every
+        return bool(every and self.recipe.data.validation and step % every == 0)
+
+    def validate(self) -> dict[str, float]:
+        recipe = self.recipe
+        validation = make_loader(recipe, self.processor, recipe.data.validation, self.group)
+        return {"val_loss": evaluate(self.model, validation, recipe.log.eval_batches, self.group)}
+
+    def save(self, out: Path) -> str:
+        self.model.eval()
+        if self.recipe.lora is not None:
+            fuse_lora(self.model)
+        save_final_model(out, self.model, resolve_path(self.recipe.model))
+        return self.data.skipped_summary()
+
+
+def language_stage(recipe: Recipe, group: Any) -> LanguageStage:
+    if not recipe.data.sources:
+        raise UserError("the recipe has no data sources ([[data.sources]])")
+    model, processor = prepare_model(recipe)
+    if not tree_flatten(model.trainable_parameters()):
+        raise UserError("nothing to train: every module is frozen ([modules.*] trainable = false)")
+    check_memory(recipe, model, group.size())
+    context = model_context(model)
+    if context is not None and recipe.data.seq_len > context:
+        raise UserError(
+            f"data.seq_len {recipe.data.seq_len} is over the model's context of {context} tokens"
+        )
+    if group.rank() == 0:
+        print(trainable_summary(model))
+    loader = make_loader(recipe, processor, recipe.data.sources, group)
+    return LanguageStage(recipe, model, processor, loader, group)
+
+
+def make_stage(recipe: Recipe, group: Any) -> Stage:
+    if recipe.dense is None:
+        return language_stage(recipe, group)
+    from mm1_mlx.train.dense import DenseStage  # it builds on this module
+
+    return DenseStage(recipe, group)
 
 
 def make_loader(recipe: Recipe, processor, sources, group) -> DataLoader:
@@ -524,9 +626,7 @@ def make_loader(recipe: Recipe, processor, sources, group) -> DataLoader:
     )
 
 
-def validation_due(recipe: Recipe, step: int) -> bool:
-    every = recipe.log.eval_every
-    return bool(every and recipe.data.validation and step % every == 0)
+# -- the run ------------------------------------------------------------------------------------
 
 
 def check_out(out: Path, resume: bool) -> None:
@@ -565,7 +665,7 @@ def discard(out: Path, created: Path | None, had_metrics: bool) -> None:
 class TrainResult:
     out: Path  # a model folder
     steps: int
-    skipped: str  # the data loader's summary of skipped examples
+    summary: str  # the stage's last word: skipped examples, or held-out scores
 
 
 @dataclass
@@ -574,11 +674,9 @@ class Run:
 
     recipe: Recipe
     out: Path
-    model: MM1Model
-    processor: Any
+    stage: Stage
     optimizer: Any
     schedule: Any
-    loader: DataLoader
     group: Any
 
     @property
@@ -586,57 +684,41 @@ class Run:
         return self.group.rank() == 0
 
     def save(self, step: int, data_state: dict) -> Path:
+        trained, optimizer = self.stage.trained, self.optimizer
         keep, setup = self.recipe.checkpoint.keep, run_setup(self.recipe)
-        return save_checkpoint(self.out, step, self.model, self.optimizer, data_state, keep, setup)
+        return save_checkpoint(self.out, step, trained, optimizer, data_state, keep, setup)
 
     def record(self, step: int, loss: float, grad_norm: float, seconds: float) -> dict:
-        """The step's metrics, with the validation loss when one is due."""
-        recipe = self.recipe
-        tokens = recipe.data.batch_size * recipe.data.seq_len * recipe.train.grad_accumulation
-        values = {
-            "step": step,
-            "loss": loss,
-            "lr": float(self.schedule(step - 1)),
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / seconds,
-        }
-        if validation_due(recipe, step):
-            validation = make_loader(recipe, self.processor, recipe.data.validation, self.group)
-            values["val_loss"] = evaluate(
-                self.model, validation, recipe.log.eval_batches, self.group
-            )
-        return values
+        name, count = self.stage.throughput
+        lr = float(self.schedule(step - 1))
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, name: count / seconds}
 
 
-def train_steps(
-    run: Run,
-    start: int,
-    train_step: Callable[..., tuple[float, float]],
-    reporter: Callable[[int, dict], None] | None,
-) -> int:
+def train_steps(run: Run, start: int, reporter: Callable[[int, dict], None] | None) -> int:
     """Steps from `start` to the recipe's last; returns the last. On Ctrl-C or SIGTERM the
     current step ends with its metrics line and checkpoint (or, with micro-batches still to
     come, is abandoned before its update), so the metrics file and the checkpoints agree, and
     a checkpoint of the last whole step is saved."""
-    recipe, model = run.recipe, run.model
+    recipe, stage = run.recipe, run.stage
     metrics = MetricsLog(run.out / METRICS, start, run.is_main)
-    model.train()  # LoRA dropout on
-    data_state = run.loader.state_dict()
+    train_step = stage.make_step(run.optimizer)
+    data_state = stage.data.state_dict()  # of the last whole step: an abandoned one moved it
     step = saved = start
     try:
-        checkpointing = gradient_checkpointing(model, recipe.train.gradient_checkpointing)
-        with HeldStops(run.group) as stops, checkpointing:
+        with HeldStops(run.group) as stops, stage.running():
             between = stop_between_micro_batches(stops)
             while step < recipe.train.steps:
                 mx.random.seed(recipe.seed * 1_000_003 + step)  # dropout etc.: same on resume
                 began = time.perf_counter()
-                batches = micro_batches(run.loader, recipe.train.grad_accumulation, between)
-                loss, grad_norm = train_step(batches, between)
+                loss, grad_norm = train_step(between)
                 check_finite(loss, step + 1)
                 step += 1
-                data_state = run.loader.state_dict()
+                data_state = stage.data.state_dict()
                 values = run.record(step, loss, grad_norm, time.perf_counter() - began)
-                if logged(recipe, step, values):
+                validated = stage.validation_due(step)
+                if validated:
+                    values.update(stage.validate())
+                if validated or step % recipe.log.every == 0 or step == recipe.train.steps:
                     metrics.write(**values)
                 if run.is_main and step % recipe.checkpoint.every == 0:
                     run.save(step, data_state)
@@ -686,10 +768,6 @@ def check_finite(loss: float, step: int) -> None:
         )
 
 
-def logged(recipe: Recipe, step: int, values: dict) -> bool:
-    return step % recipe.log.every == 0 or "val_loss" in values or step == recipe.train.steps
-
-
 # A step holds all its micro-batches (pixels included) at once: the loss is normalised by the
 # weight of the whole global batch before the first backward pass.
 MAX_GRAD_ACCUMULATION = 1024
@@ -720,55 +798,48 @@ def check_memory(recipe: Recipe, model: MM1Model, ranks: int) -> None:
         )
 
 
+def make_run(recipe: Recipe, out: Path, group: Any) -> Run:
+    stage = make_stage(recipe, group)
+    train = recipe.train
+    optimizer_settings = recipe.optimizer
+    schedule = make_schedule(
+        peak_lr(recipe, stage.trained),
+        train.steps,
+        optimizer_settings.warmup_steps,
+        optimizer_settings.min_lr_ratio,
+        optimizer_settings.decay,
+    )
+    optimizer = make_optimizer(
+        stage.trained,
+        optimizer_settings.name,
+        schedule,
+        weight_decay=optimizer_settings.weight_decay,
+        modules=recipe.modules,
+        betas=optimizer_settings.betas,
+    )
+    return Run(recipe, out, stage, optimizer, schedule, group)
+
+
 def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
-    """Run the recipe. `reporter(step, metrics)` is called on rank 0 after every step (the
-    CLI's progress bar). OUT appears once the run starts (see `discard` for a run that stops
-    before its first checkpoint)."""
+    """Run the recipe's stage. `reporter(step, metrics)` is called on rank 0 after every step
+    (the CLI's progress bar). OUT appears once the run starts (see `discard` for a run that
+    stops before its first checkpoint)."""
     group = init_group()
     is_main = group.rank() == 0
     out = Path(recipe.out)
     check_out(out, resume)
-    sources = [*recipe.data.sources, *recipe.data.validation]
-    check_not_over_inputs(out, [recipe.model, *(source.path for source in sources)])
-    if recipe.data.batch_size % group.size():
-        raise UserError(
-            f"data.batch_size {recipe.data.batch_size} is not divisible by {group.size()} ranks"
-        )
-    if not recipe.data.sources:
-        raise UserError("the recipe has no data sources ([[data.sources]])")
+    check_not_over_inputs(out, [recipe.model, *recipe_inputs(recipe)])
+    batch_size = global_batch_size(recipe)
+    if batch_size % group.size():
+        raise UserError(f"a batch of {batch_size} is not divisible by {group.size()} ranks")
     check_grad_accumulation(recipe)
 
-    model, processor = prepare_model(recipe)
-    if not tree_flatten(model.trainable_parameters()):
-        raise UserError("nothing to train: every module is frozen ([modules.*] trainable = false)")
-    check_memory(recipe, model, group.size())
-    context = model_context(model)
-    if context is not None and recipe.data.seq_len > context:
-        raise UserError(
-            f"data.seq_len {recipe.data.seq_len} is over the model's context of {context} tokens"
-        )
-    if is_main:
-        print(trainable_summary(model))
-    loader = make_loader(recipe, processor, recipe.data.sources, group)
-    schedule = make_schedule(
-        peak_lr(recipe, model),
-        recipe.train.steps,
-        recipe.optimizer.warmup_steps,
-        recipe.optimizer.min_lr_ratio,
-        recipe.optimizer.decay,
-    )
-    optimizer = make_optimizer(
-        model,
-        recipe.optimizer.name,
-        schedule,
-        weight_decay=recipe.optimizer.weight_decay,
-        modules=recipe.modules,
-        betas=recipe.optimizer.betas,
-    )
-    smoothing = coordinate_smoothing(recipe, model, processor)
-    run = Run(recipe, out, model, processor, optimizer, schedule, loader, group)
+    run = make_run(recipe, out, group)
+    stage = run.stage
     setup = run_setup(recipe)
-    start = resume_from(out, model, optimizer, loader, setup, is_main) if resume else 0
+    start = 0
+    if resume:
+        start = resume_from(out, stage.trained, run.optimizer, stage.data, setup, is_main)
     if start > recipe.train.steps:
         raise UserError(
             f"{out}: its checkpoint is at step {start}, past train.steps {recipe.train.steps}; "
@@ -780,18 +851,23 @@ def train(recipe: Recipe, resume: bool = False, reporter=None) -> TrainResult:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        step = train_steps(
-            run, start, make_train_step(model, optimizer, recipe, group, smoothing), reporter
-        )
+        step = train_steps(run, start, reporter)
     except BaseException:
         if is_main and not checkpoint_dirs(out):
             discard(out, created, had_metrics)
         raise
 
-    model.eval()
+    summary = ""
     if is_main:
-        if recipe.lora is not None:
-            fuse_lora(model)
-        save_final_model(out, model, resolve_path(recipe.model))
+        summary = stage.save(out)
         (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
-    return TrainResult(out, step, loader.skipped_summary())
+    return TrainResult(out, step, summary)
+
+
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """The files a recipe reads besides its model."""
+    if recipe.dense is not None:
+        return list(recipe.dense.scenes)
+    sources = [*recipe.data.sources, *recipe.data.validation]
+    paths = [source.path for source in sources]
+    return [path for entry in paths for path in (entry if isinstance(entry, list) else [entry])]
