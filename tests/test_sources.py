@@ -19,6 +19,7 @@ from PIL import Image
 from mm1_mlx.errors import UserError
 from mm1_mlx.train import containers
 from mm1_mlx.train.data import DataLoader, SourceConfig
+from mm1_mlx.train.readers import make_reader
 from mm1_mlx.train.recipe import load_recipe
 from mm1_mlx.train.sources import Position, expand_braces
 
@@ -296,6 +297,26 @@ def test_shuffling_is_seeded_and_each_epoch_gives_every_record_once(processor, t
 
 
 @pytest.mark.parametrize("kind", ["tar", "parquet", "json"])
+def test_the_shuffle_buffer_slides(tmp_path, kind):
+    """A sliding buffer, not blocks: records read after the first N come out before some of the
+    first N, so the N records given out first are not the first N read."""
+    reader = make_reader(each_kind(tmp_path, 5)[kind], [0, 0])
+    starts = [tuple(reader.next_record(str).position[1]) for _ in range(12)]
+    assert len(set(starts)) == 12
+    assert sorted(starts[:5]) != sorted(starts)[:5]
+
+
+def test_a_data_state_whose_buffer_is_not_in_the_files_is_refused(processor, tmp_path):
+    source = each_kind(tmp_path, 5)["tar"]
+    first = loader(processor, source)
+    first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    state["sources"][0]["held"][0] = [0, 100, 1]  # not where a tar header starts
+    with pytest.raises(ValueError, match="position"):
+        loader(processor, source).load_state_dict(state)
+
+
+@pytest.mark.parametrize("kind", ["tar", "parquet", "json"])
 @pytest.mark.parametrize("stop", [1, 3, 5])
 def test_resuming_gives_the_batches_of_an_uninterrupted_run(processor, tmp_path, kind, stop):
     """Small blocks, rows that carry an example over, and more batches than an epoch."""
@@ -318,7 +339,7 @@ def test_a_data_state_of_other_shards_is_refused(processor, tmp_path):
     with pytest.raises(UserError, match="the data state is for"):
         loader(processor, sources["tar"]).load_state_dict(state)
     state = loader(processor, sources["tar"]).state_dict()
-    state["sources"][0]["start"] = [0, 100, 1]  # not where a tar header starts
+    state["sources"][0]["end"] = [0, 100, 1]  # not where a tar header starts
     with pytest.raises(ValueError, match="position"):
         loader(processor, sources["tar"]).load_state_dict(state)
 

@@ -115,8 +115,8 @@ class SourceReader:
 
 
 class ContainerReader:
-    """A tar, parquet or JSON source, read a block of `shuffle_buffer` records at a time and
-    given out in a seeded order (train/sources.py, "Shuffling")."""
+    """A tar, parquet or JSON source, shuffled through a sliding buffer of `shuffle_buffer`
+    records (train/sources.py, "Shuffling")."""
 
     def __init__(self, source: SourceConfig, seed: list[int]):
         self.source, self.seed = source, seed
@@ -124,49 +124,73 @@ class ContainerReader:
         self.kind = source_kind(self.files)
         self.cursor = CURSORS[self.kind]
         buffer = source.shuffle_buffer
-        self.buffer = DEFAULT_SHUFFLE_BUFFER if buffer is None else max(buffer, 1)
+        self.size = DEFAULT_SHUFFLE_BUFFER if buffer is None else max(buffer, 1)
         self.store = image_store(source, self.files[0].parent)
         self.epoch, self.used_in_epoch = 0, 0  # used: examples taken (set by the loader)
-        self.start, self.blocks, self.taken = Position(0, 0, 0), 0, 0
-        self.block: list[Record] | None = None  # read when first needed
-        self.order: list[int] = []
-        self.end = self.start  # where the block ends: the next one starts
+        self.draws = 0  # records given out this epoch: each draw's random slot is seeded by it
+        self.end = Position(0, 0, 0)  # where the stream goes on: the buffer holds what is before
+        self.held: list[Position] = []  # where the buffered records start, in buffer order
+        self.buffer: list[Record] | None = []  # None: to be read again at `held` (a resume)
         self.stream: Iterator[Read] | None = None  # reading from `end` on
 
     def next_record(self, describe_skips: Callable[[], str]) -> Record:
         while True:
-            if self.block is None:
-                self.read_block()
-            if self.taken < len(self.block):
-                position = [self.epoch, self.blocks, list(self.start), self.taken]
-                record = self.block[self.order[self.taken]]
-                record.position = position  # its block's start and its place in the block's order
-                self.taken += 1
-                return record
-            if not self.block:
-                self.start_next_epoch(describe_skips)
-            else:
-                self.start, self.blocks, self.taken, self.block = self.end, self.blocks + 1, 0, None
+            if self.buffer is None:
+                self.buffer = self.read_held()
+            self.fill()
+            if self.buffer:
+                return self.draw()
+            self.start_next_epoch(describe_skips)
 
-    def read_block(self) -> None:
-        if self.stream is None or self.end != self.start:
-            files = self.files_in_order(self.epoch)
-            self.stream, self.end = self.cursor(files, self.start, self.source), self.start
-        self.block = []
-        for read in self.stream:
-            self.block.append(
-                Record(read.value, [], read.origin, self.epoch, self.store, read.embedded)
-            )
+    def fill(self) -> None:
+        if self.stream is None:
+            self.stream = self.cursor(self.files_in_order(self.epoch), self.end, self.source)
+        while len(self.buffer) < self.size:
+            read = next(self.stream, None)
+            if read is None:
+                return
+            self.held.append(self.end)
+            self.buffer.append(self.record(read))
             self.end = read.next
-            if len(self.block) == self.buffer:
+
+    def draw(self) -> Record:
+        """A seeded random record of the buffer; the last takes its slot (the order of the
+        others does not matter: each draw picks uniformly)."""
+        slot = 0
+        if self.size > 1:
+            rng = np.random.default_rng([*self.seed, self.epoch, 1, self.draws])
+            slot = int(rng.integers(len(self.buffer)))
+        self.buffer[slot], self.buffer[-1] = self.buffer[-1], self.buffer[slot]
+        self.held[slot], self.held[-1] = self.held[-1], self.held[slot]
+        record, start = self.buffer.pop(), self.held.pop()
+        record.position = [self.epoch, list(start)]
+        self.draws += 1
+        return record
+
+    def record(self, read: Read) -> Record:
+        return Record(read.value, [], read.origin, self.epoch, self.store, read.embedded)
+
+    def read_held(self) -> list[Record]:
+        """The buffered records again, read in one pass from the first of them to `end`."""
+        if not self.held:
+            return []
+        wanted = {start: slot for slot, start in enumerate(self.held)}
+        records: list[Record | None] = [None] * len(self.held)
+        start = min(self.held)
+        stream = self.cursor(self.files_in_order(self.epoch), start, self.source)
+        while start < self.end:
+            read = next(stream, None)
+            if read is None:
                 break
-        self.order = list(range(len(self.block)))
-        if self.buffer > 1:
-            rng = np.random.default_rng([*self.seed, self.epoch, 1, self.blocks])
-            self.order = rng.permutation(len(self.block)).tolist()
+            if start in wanted:
+                records[wanted[start]] = self.record(read)
+            start = read.next
+        if any(record is None for record in records):
+            raise ValueError(f"{self.source.path}: the data state's buffer is not in its files")
+        return records
 
     def files_in_order(self, epoch: int) -> list[Path]:
-        if self.buffer == 1:
+        if self.size == 1:
             return self.files
         rng = np.random.default_rng([*self.seed, epoch, 0])
         return [self.files[i] for i in rng.permutation(len(self.files))]
@@ -174,39 +198,42 @@ class ContainerReader:
     def start_next_epoch(self, describe_skips: Callable[[], str]) -> None:
         if self.used_in_epoch == 0:
             raise UserError(f"{self.source.path}: not one usable example ({describe_skips()})")
-        self.epoch, self.used_in_epoch = self.epoch + 1, 0
-        self.start, self.blocks, self.taken, self.block = Position(0, 0, 0), 0, 0, None
-        self.stream = None
+        self.epoch, self.used_in_epoch, self.draws = self.epoch + 1, 0, 0
+        self.end, self.held, self.buffer, self.stream = Position(0, 0, 0), [], [], None
 
     def reread(self, position: list) -> Record:
         """The record at a `Record.position`, for the example a checkpoint carried over."""
-        epoch, blocks, start, taken = position
-        again = ContainerReader(self.source, self.seed)
-        again.epoch, again.blocks, again.start, again.taken = epoch, blocks, Position(*start), taken
-        again.used_in_epoch = 1  # the data may have changed: that is the caller's error to say
-        return again.next_record(lambda: "")
+        epoch, start = position
+        files = self.files_in_order(epoch)
+        read = next(self.cursor(files, Position(*start), self.source), None)
+        if read is None:
+            raise ValueError(f"{self.source.path}: the carried example is not in its files")
+        return self.record(read)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "path": self.source.path,
             "epoch": self.epoch,
             "used_in_epoch": self.used_in_epoch,
-            "start": list(self.start),
-            "blocks": self.blocks,
-            "taken": self.taken,
+            "draws": self.draws,
+            "end": list(self.end),
+            "held": [list(start) for start in self.held],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = [path.resolve() for path in source_files(state["path"])]
         if saved != [path.resolve() for path in self.files]:
             raise UserError(f"the data state is for {state['path']}, not {self.source.path}")
-        start = Position(*state["start"])
-        counts = state["epoch"], state["used_in_epoch"], state["blocks"], state["taken"]
+        end, held = Position(*state["end"]), [Position(*start) for start in state["held"]]
+        counts = state["epoch"], state["used_in_epoch"], state["draws"]
         files = self.files_in_order(state["epoch"])
-        if min(counts) < 0 or not position_ok(self.kind, files, start):
+        starts_ok = all(start < end and position_ok(self.kind, files, start) for start in held)
+        if min(counts) < 0 or len(held) > self.size or not starts_ok:
             raise ValueError(f"{self.source.path}: the data state's position is not one of its")
-        self.epoch, self.used_in_epoch, self.blocks, self.taken = counts
-        self.start, self.block, self.stream = start, None, None
+        if not position_ok(self.kind, files, end):
+            raise ValueError(f"{self.source.path}: the data state's position is not one of its")
+        self.epoch, self.used_in_epoch, self.draws = counts
+        self.end, self.held, self.buffer, self.stream = end, held, None, None
 
 
 def make_reader(source: SourceConfig, seed: list[int]) -> SourceReader | ContainerReader:

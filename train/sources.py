@@ -13,9 +13,12 @@ the same way) and gives them as Records. Images inside a container travel as Ima
 names are found in the record's own images first, then in the source's `images` folder or zip.
 
 Shuffling (all kinds but JSONL, which is read in file order): files in a seeded order per epoch,
-and records read `shuffle_buffer` at a time and given out in a seeded order. Resuming re-reads
-only the current block: its start position, the blocks begun this epoch (they seed its order)
-and the records taken from it are the whole state, so a run resumes at the exact record.
+then a sliding buffer of `shuffle_buffer` records, as webdataset and tf.data shuffle: each
+record given out is drawn at a seeded random slot of the buffer, and the next record read takes
+its place, so records mix across the whole stream, not within fixed blocks. The state is small:
+where the stream goes on, where each buffered record starts, and the draws so far this epoch
+(they seed the next slot); resuming reads the buffered records again in one pass from the first
+of them, so a run resumes at the exact record.
 """
 
 import re
