@@ -284,6 +284,8 @@ def test_the_dense_heads_train_at_the_full_rate_with_their_own_decay_groups(tmp_
         (["dense.batch_size=0"], "dense.batch_size must be"),
         (["dense.coordinate_sigma=0"], "dense.coordinate_sigma must be"),
         (["dense.button_weight=-1"], "dense.button_weight must be"),
+        (["dense.coordinate_weight=1e300"], r"weight must be a finite number in \[0, 1000\]"),
+        (["dense.box_weight=nan"], "dense.box_weight must be"),
         (["dense.held_out=0"], "dense.held_out must be"),
         (["dense.unknown=1"], "unknown key 'unknown'"),
         (["optimizer.lr='mm1'"], "a dense stage needs a number"),
