@@ -373,6 +373,7 @@ class DenseStage:
         # Decoded once, by rank 0, which scores them.
         chunks = range(0, num_held_out if group.rank() == 0 else 0, 32)
         self.held_out = [self.batcher(held_out_items[k : k + 32]) for k in chunks]
+        self.scores: dict[str, float] = {}  # of the last validation
 
     def make_step(self, optimizer: Any) -> Callable[[Callable[[], None]], tuple[float, float]]:
         net, settings, group = self.trained, self.settings, self.group
@@ -404,9 +405,12 @@ class DenseStage:
         return bool(every) and (step % every == 0 or step == self.recipe.train.steps)
 
     def validate(self) -> dict[str, float]:
-        return validate(self.trained, self.held_out) if self.held_out else {}
+        self.scores = validate(self.trained, self.held_out) if self.held_out else {}
+        return self.scores
 
     def save(self, out: Path) -> str:
         save_final_model(out, self.model, resolve_path(self.recipe.model))
-        scores = self.validate()
+        # The last step's validation, when this run had one (validation_due holds at the end).
+        last_validated = self.scores and self.validation_due(self.recipe.train.steps)
+        scores = self.scores if last_validated else self.validate()
         return "held-out cells: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())

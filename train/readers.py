@@ -228,9 +228,8 @@ class ContainerReader:
         counts = state["epoch"], state["used_in_epoch"], state["draws"]
         files = self.files_in_order(state["epoch"])
         starts_ok = all(start < end and position_ok(self.kind, files, start) for start in held)
-        if min(counts) < 0 or len(held) > self.size or not starts_ok:
-            raise ValueError(f"{self.source.path}: the data state's position is not one of its")
-        if not position_ok(self.kind, files, end):
+        end_ok = position_ok(self.kind, files, end)
+        if min(counts) < 0 or len(held) > self.size or not (starts_ok and end_ok):
             raise ValueError(f"{self.source.path}: the data state's position is not one of its")
         self.epoch, self.used_in_epoch, self.draws = counts
         self.end, self.held, self.buffer, self.stream = end, held, None, None
