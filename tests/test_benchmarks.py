@@ -27,9 +27,16 @@ def run_benchmark(name: str, *args: str) -> str:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = ["demo_eval", "demo_training", "encoder_probe", "inference", "openblas_matmul",
-              "training"]  # fmt: skip
+    tested = ["demo_eval", "demo_training", "encoder_probe", "grounding_probe", "inference",
+              "openblas_matmul", "training"]  # fmt: skip
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
+
+
+def test_grounding_probe():
+    out = run_benchmark("grounding_probe.py", "--n", "3")
+    rows = [line for line in out.splitlines() if line.startswith("| ground_")]
+    counts = [row.split(" | ")[:2] for row in rows]
+    assert counts == [["| ground_shape", "3"], ["| ground_button", "3"]]
 
 
 def test_openblas_matmul():
