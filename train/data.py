@@ -455,8 +455,11 @@ def check_settings(
         check_source(source)
         if not source.weight >= 0:
             raise UserError(f"{source.path}: weight must be >= 0, not {source.weight}")
-    if sum(source.weight for source in sources) <= 0:
+    total = sum(source.weight for source in sources)
+    if total <= 0:
         raise UserError("the data sources' weights add up to 0")
+    if not np.isfinite(total):  # each source is drawn with weight / total
+        raise UserError(f"the data sources' weights add up to {total}; scale them down")
     if seq_len < 1 or batch_size < 1:
         raise UserError(f"seq_len and batch_size must be positive, not {seq_len} and {batch_size}")
     if not 0 <= rank < world_size or batch_size % world_size:

@@ -25,12 +25,14 @@ settings of another kind of source). A bad value is a one-line UserError naming 
 """
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.errors import UserError
 from mm1_mlx.quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mm1_mlx.rules import FLAG, TEXT, Rule, choice, integer, number
@@ -171,6 +173,12 @@ DATA_PATH = Rule(
     ),
 )
 NON_NEGATIVE = number(0)
+# Checkpoint folders are named by their step in 7 digits (trainer.checkpoint_folder): past them
+# the newest would sort first, and the step count loses float32's exact integers at 2**24.
+MAX_STEPS = 9_999_999
+# Gradient norms of a training run are of order 1 (a few hundred when it diverges): a clip far
+# past them never acts, and 0 is how a recipe says "no clipping".
+MAX_GRAD_CLIP = 1000.0
 
 RULES: dict[tuple[type, str], Rule] = {
     (Recipe, "model"): TEXT,
@@ -198,16 +206,19 @@ RULES: dict[tuple[type, str], Rule] = {
     (OptimizerSettings, "warmup_steps"): integer(0),  # and at most train.steps: check_recipe
     (OptimizerSettings, "min_lr_ratio"): number(0, 1),
     (OptimizerSettings, "decay"): choice(DECAYS),
-    (TrainSettings, "steps"): integer(1),
+    (TrainSettings, "steps"): integer(1, MAX_STEPS),
     (TrainSettings, "grad_accumulation"): integer(1),
-    (TrainSettings, "grad_clip"): NON_NEGATIVE,
+    (TrainSettings, "grad_clip"): number(0, MAX_GRAD_CLIP),  # 0: no clipping
     (TrainSettings, "z_loss"): number(0, 1),  # PaLM's 1e-4; far larger drowns the loss
-    (TrainSettings, "box_smoothing"): NON_NEGATIVE,
+    # 0: off; wider than the 0..1000 grid, the soft targets are flat over it.
+    (TrainSettings, "box_smoothing"): number(0, COORDINATE_MAX),
     (TrainSettings, "gradient_checkpointing"): FLAG,
     (ModuleSettings, "trainable"): FLAG,
     (ModuleSettings, "lr_multiplier"): NON_NEGATIVE,
     (LoraSettings, "rank"): integer(1),
-    (LoraSettings, "scale"): number(),
+    # B A's weight beside W (mlx-lm's default 20): 0 or less undoes or flips the adapter, and a
+    # huge one overflows float32 (inf x B's starting zeros is NaN).
+    (LoraSettings, "scale"): number(0, 1000, open_low=True),
     (LoraSettings, "dropout"): UNIT,
     (LoraSettings, "num_layers"): Rule(
         "an integer >= 1 (leave it out for all layers)", integer(1).test
@@ -321,11 +332,29 @@ def check_recipe(recipe: Recipe) -> None:
         return
     if not recipe.data.sources:
         raise UserError("data.sources: the recipe has no data sources ([[data.sources]])")
+    check_data_limits(recipe.data)
     if recipe.log.eval_every and not recipe.data.validation:
         raise UserError(
             f"log.eval_every is {recipe.log.eval_every} but the recipe has no validation data "
             "([[data.validation]]); 0 turns validation off"
         )
+
+
+def check_data_limits(data: DataSettings) -> None:
+    """An image takes at least one of a sequence's positions, so a sequence holds at most
+    seq_len of them; a mixture's weights are shares of their sum, which must be a number."""
+    if data.max_images_per_sequence > data.seq_len:
+        raise UserError(
+            f"data.max_images_per_sequence must be within 0..{data.seq_len} (data.seq_len: each "
+            f"image takes at least one position), not {data.max_images_per_sequence:,}"
+        )
+    for key in ("sources", "validation"):
+        total = sum(source.weight for source in getattr(data, key))
+        if not math.isfinite(total):
+            raise UserError(
+                f"data.{key}: the weights add up to {total} (they are shares of their sum; "
+                "scale them down)"
+            )
 
 
 def check_dense_stage(recipe: Recipe) -> None:
