@@ -419,6 +419,34 @@ def test_strict_turns_bad_examples_into_errors_naming_the_line(processor, tmp_pa
         loader(processor, path, "caption", seq_len=40, strict=True).next_batch()
 
 
+def turns(*roles: str) -> dict:
+    return {"messages": [{"role": role, "content": f"a {role} turn"} for role in roles]}
+
+
+# (case, format, a line of the wrong shape, what the error says)
+BAD_SHAPES = [
+    ("chat opened by the assistant", "chat", turns("assistant", "user"),
+     "starts with a user turn"),
+    ("chat of the assistant alone", "chat", turns("system", "assistant"),
+     "starts with a user turn"),
+    ("chat role out of the three", "chat", turns("user", "tool"),
+     "a role is one of system, user, assistant, not 'tool'"),
+    ("interleaved part both text and image", "interleaved",
+     {"content": [{"text": "red", "image": "a.png"}]}, "a content part is {text} or {image}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fmt, line, message", [case[1:] for case in BAD_SHAPES], ids=[case[0] for case in BAD_SHAPES]
+)
+def test_a_line_of_the_wrong_shape_is_refused_naming_it(processor, tmp_path, fmt, line, message):
+    png(tmp_path, "a.png")
+    path = write_jsonl(tmp_path / "lines.jsonl", [line])
+    with pytest.raises(UserError) as error:
+        loader(processor, path, fmt, seq_len=40, strict=True).next_batch()
+    assert str(error.value).startswith(f"{path}:1: ") and message in str(error.value), error.value
+
+
 def truncated_png(folder, name: str) -> str:
     """A PNG whose header is intact and whose pixels are cut off."""
     noise = np.random.default_rng(0).integers(0, 256, (2 * S, S, 3), np.uint8)

@@ -43,6 +43,7 @@ from mm1_mlx.train.readers import make_reader
 from mm1_mlx.train.sources import Record, Skip, SourceConfig, check_source
 
 LOSS_WEIGHTINGS = ("token", "example", "turn")
+CHAT_ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
@@ -108,10 +109,11 @@ def render_interleaved(record: dict[str, Any], processor: Processor) -> Rendered
     """Text and image parts joined as they are (the data carries its own spaces)."""
     text, prefixes, images = "", [], []
     for part in field_of(record, "content", list):
-        if isinstance(part, dict) and isinstance(part.get("text"), str):
+        keys = set(part) & {"text", "image"} if isinstance(part, dict) else set()
+        if keys == {"text"} and isinstance(part["text"], str):
             text += part["text"]
             prefixes.append((text, True))
-        elif isinstance(part, dict) and isinstance(part.get("image"), str):
+        elif keys == {"image"} and isinstance(part["image"], str):
             text += processor.image_token
             prefixes.append((text, False))
             images.append(part["image"])
@@ -129,6 +131,7 @@ def render_chat(record: dict[str, Any], processor: Processor) -> Rendered:
     conversation, ordered_images = processor.flatten_messages(messages, images)
     if not all(isinstance(image, str) for image in ordered_images):
         raise Skip("invalid record", "images are file names")
+    check_turns(conversation)
     prefixes = []
     for k, message in enumerate(conversation):
         if message["role"] == "assistant":
@@ -136,6 +139,21 @@ def render_chat(record: dict[str, Any], processor: Processor) -> Rendered:
             prefixes.append((processor.render(conversation[: k + 1], False), True))
     prefixes.append((processor.render(conversation, False), False))
     return Rendered(prefixes, ordered_images)
+
+
+def check_turns(conversation: list[dict[str, Any]]) -> None:
+    """Roles are the chat template's three, and the first turn past the system's is the
+    user's: an assistant turn answers a prompt (with none, there is nothing to render it
+    after)."""
+    for message in conversation:
+        if message["role"] not in CHAT_ROLES:
+            roles = ", ".join(CHAT_ROLES)
+            raise Skip("invalid record", f"a role is one of {roles}, not {message['role']!r:.40}")
+    turns = [message["role"] for message in conversation if message["role"] != "system"]
+    if turns[:1] != ["user"]:
+        raise Skip(
+            "invalid record", "the conversation starts with a user turn (after any system turn)"
+        )
 
 
 def chat_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
