@@ -23,6 +23,8 @@ from mm1_mlx.jsonl import BadLine, check_text
 from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import ImageInput, Processor, PromptInputs, common_prefix_length
 
+MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy in all but name
+
 
 @dataclass
 class GenerationSettings:
@@ -44,6 +46,14 @@ class GenerationSettings:
         # mlx-lm reads a top-p of 0 as "off"; a nucleus of no probability mass samples nothing.
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be above 0 and at most 1, not {self.top_p}")
+        # Sampling multiplies the log-probabilities by 1 / temperature: under 1.5e-5 that
+        # overflows half precision (under 1e-308 even Python's float), and 0 x inf at the
+        # likeliest token is NaN: tokens came out at random instead of greedily.
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise UserError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+                f"not {self.temperature}"
+            )
 
     def check_for(self, model: MM1Model) -> None:
         """What depends on the model: mlx-lm's top-k needs k below the vocabulary."""

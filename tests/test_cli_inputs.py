@@ -118,6 +118,8 @@ CASES = [
     ("chat: negative temperature", [*CHAT, "--temp", "-0.5", "hi"], "--temp"),
     ("chat: nan temperature", [*CHAT, "--temp", "nan", "hi"], "--temp"),
     ("chat: infinite temperature", [*CHAT, "--temp", "inf", "hi"], "--temp"),
+    ("chat: temperature under the floor", [*CHAT, "--temp", "1e-320", "hi"],
+     "temperature must be 0 (greedy) or at least 0.0001, not 1e-320"),
     ("chat: top-p 0", [*CHAT, "--top-p", "0", "hi"], "--top-p"),
     ("chat: top-p above 1", [*CHAT, "--top-p", "1.5", "hi"], "--top-p"),
     ("chat: negative top-k", [*CHAT, "--top-k", "-1", "hi"], "--top-k"),
