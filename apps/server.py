@@ -85,6 +85,8 @@ REQUEST_FIELDS = (
 )  # fmt: skip
 MESSAGE_FIELDS = ("role", "content", "name")
 IMAGE_URL_FIELDS = ("url", "detail")
+# OpenAI's image detail levels: accepted, and every picture is tiled as the model's config says.
+IMAGE_DETAILS = ("auto", "low", "high")
 SEED_RANGE = (0, 2**64 - 1)
 _KINDS = {
     int: "an integer",
@@ -432,7 +434,10 @@ def read_part(part: Any, where: str, read_paths: bool, images: list) -> dict[str
         url = part.get("image_url")
         if isinstance(url, dict):  # {"url": ..., "detail": ...} or the url itself
             _check_fields(url, IMAGE_URL_FIELDS, f"{where}.image_url")
-            _option(url, "detail", str, None)
+            if _option(url, "detail", str, "auto") not in IMAGE_DETAILS:
+                raise ApiError(
+                    400, f"{where}.image_url.detail must be one of {', '.join(IMAGE_DETAILS)}"
+                )
             url = url.get("url")
         images.append((read_image_url(url, where, read_paths), where))
         return {"type": "image", "image": len(images) - 1}
