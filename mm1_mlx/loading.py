@@ -142,7 +142,7 @@ def load(path_or_repo: str | Path, lazy: bool = False):
 
 def load_processor(folder: Path, config: MM1Config):
     """The folder's tokenizer as a Processor, or a one-line UserError."""
-    from mm1_mlx.processor import Processor
+    from mm1_mlx.processor import Processor, check_chat_template
 
     if not any((folder / name).is_file() for name in TOKENIZER_MODELS):
         names = ", ".join(TOKENIZER_MODELS)
@@ -152,6 +152,10 @@ def load_processor(folder: Path, config: MM1Config):
     except Exception as error:  # transformers raises many kinds for a bad tokenizer folder
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{folder}: cannot load the tokenizer ({reason})") from None
+    try:
+        check_chat_template(getattr(processor.tokenizer, "chat_template", None))
+    except UserError as error:
+        raise UserError(f"{folder}: {error}") from None
     image_ids = processor.tokenizer.encode(config.image_token, add_special_tokens=False)
     if image_ids != [config.image_token_id]:
         raise UserError(

@@ -319,6 +319,22 @@ def foreign_model_type_quiet() -> Iterator[None]:
         logging.set_verbosity(verbosity)
 
 
+def check_chat_template(template: Any) -> None:
+    """A tokenizer's chat template, None (none) or Jinja text (or named texts), parsed as
+    transformers will: a broken one is refused as the model loads, not at its first prompt."""
+    if template is None:
+        return
+    for text in template.values() if isinstance(template, dict) else [template]:
+        if not isinstance(text, str):
+            raise UserError(f"the chat template must be Jinja text, not {text!r:.40}")
+        try:
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        except jinja2.TemplateSyntaxError as error:
+            raise UserError(
+                f"the chat template is not valid Jinja (line {error.lineno}: {error.message})"
+            ) from None
+
+
 class Processor:
     """Prompts with `<image>` markers and their images -> PromptInputs."""
 

@@ -109,3 +109,27 @@ def test_init_checks_its_config(tiny_model_dir, tmp_path):
     assert code != 0 and "Traceback" not in err, err
     assert err.strip() == f"error: {path}: vision_config.patch_size must be an integer >= 1, not 0"
     assert not out.exists()
+
+
+# (a tokenizer file, what it is replaced with, what the one-line message must contain)
+TOKENIZER_CASES = [
+    ("chat_template.jinja", "{% for %}", "the chat template is not valid Jinja (line 1: "),
+    ("chat_template.jinja", "{{ messages[0] ", "the chat template is not valid Jinja"),
+    ("tokenizer_config.json", {"chat_template": 5}, "the chat template must be Jinja text, not 5"),
+]
+
+
+@pytest.mark.parametrize("name, content, expected", TOKENIZER_CASES)
+def test_bad_tokenizer_file(tiny_model_dir, tmp_path, name, content, expected):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    if isinstance(content, dict):  # keys changed in the JSON file; the template file goes
+        (folder / "chat_template.jinja").unlink()
+        content = json.dumps({**json.loads((folder / name).read_text()), **content})
+    (folder / name).write_text(content)
+    with pytest.raises(UserError) as raised:
+        mm1_mlx.load(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}: ") and expected in message and "\n" not in message
+    code, _, err = run_cli("chat", "--model", str(folder), "hi")
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and expected in err
