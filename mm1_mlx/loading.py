@@ -29,6 +29,8 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.ti
 
 def resolve_path(path_or_repo: str | Path, allow_patterns: list[str] | None = None) -> Path:
     """A local file or folder as it is; otherwise a hub repo id, downloaded (or from the cache)."""
+    if not str(path_or_repo).strip():  # Path("") is the working directory
+        raise UserError("the model's name is empty: give a model folder or a hub repo id")
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
