@@ -21,6 +21,7 @@ from mm1_mlx.generate import generate
 from mm1_mlx.train import trainer
 from mm1_mlx.train.data import DataLoader
 from mm1_mlx.train.recipe import load_recipe
+from mm1_mlx.train.sources import SourceConfig
 from mm1_mlx.train.trainer import HeldStops, StepAbandoned, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
@@ -136,6 +137,19 @@ def test_a_sequence_longer_than_the_model_s_context_is_refused(workdir):
     recipe = load_recipe(workdir / "tiny-pretrain.toml", ["data.seq_len=512"], out=workdir / "o")
     with pytest.raises(UserError, match="data.seq_len 512 is over the model's context of 256"):
         train(recipe)
+
+
+def test_validation_reads_its_data_once_at_most(tiny_model, tmp_path):
+    """log.eval_batches past the validation data: it ends with the batch that runs out."""
+    model, processor = tiny_model
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3)))
+    validation = DataLoader([SourceConfig(str(path), "text")], processor, seq_len=6, batch_size=1)
+    drawn = []
+    next_batch = validation.next_batch
+    validation.next_batch = lambda: drawn.append(1) or next_batch()
+    loss = trainer.evaluate(model, validation, 10**12, mx.distributed.init())
+    assert len(drawn) == 3 and np.isfinite(loss)  # a line a batch, then the data runs out
 
 
 def test_a_recipe_that_trains_nothing_is_refused(workdir):

@@ -299,6 +299,10 @@ class DataLoader:
             lengths=lengths,
         )
 
+    def read_through(self) -> bool:
+        """Whether a source has reached the end of its data and started it again."""
+        return any(reader.epoch > 0 for reader in self.readers)
+
     def pack_row(self) -> Row:
         """Examples in draw order until the next one does not fit (it starts the next row)."""
         row = Row()

@@ -195,7 +195,10 @@ def make_train_step(
 
 
 def evaluate(model: MM1Model, loader: DataLoader, batches: int, group) -> float:
-    """Mean cross-entropy over the first `batches` validation batches (the same every time)."""
+    """Mean cross-entropy over the first `batches` validation batches (the same every time),
+    or fewer: validation ends with the batch in which a validation source runs out and starts
+    again, so it reads its data once at most (every rank lays out the same batches: they end
+    together)."""
     model.eval()  # no dropout
     total, weight = mx.array(0.0), mx.array(0.0)
     for _ in range(batches):
@@ -203,6 +206,8 @@ def evaluate(model: MM1Model, loader: DataLoader, batches: int, group) -> float:
         _, cross_entropy = loss_sums(model, batch, 0.0)
         total, weight = total + cross_entropy, weight + float(batch.weights.sum())
         mx.eval(total)
+        if loader.read_through():
+            break
     if group.size() > 1:
         total = mx.distributed.all_sum(total, group=group)
         weight = mx.distributed.all_sum(weight, group=group)
