@@ -105,7 +105,7 @@ class CheckpointSettings:
 class LogSettings:
     every: int = 10
     eval_every: int = 0  # 0: no validation
-    eval_batches: int = 8
+    eval_batches: int = 8  # at most: fewer where the validation data runs out first
 
 
 @dataclass
@@ -179,12 +179,15 @@ MAX_STEPS = 9_999_999
 # Gradient norms of a training run are of order 1 (a few hundred when it diverges): a clip far
 # past them never acts, and 0 is how a recipe says "no clipping".
 MAX_GRAD_CLIP = 1000.0
+# Past the context of any model made: a model whose config gives no max_position_embeddings is
+# checked against this alone (a row is seq_len + 1 tokens, and attention grows as its square).
+MAX_SEQ_LEN = 1 << 20
 
 RULES: dict[tuple[type, str], Rule] = {
     (Recipe, "model"): TEXT,
     (Recipe, "out"): TEXT,
     (Recipe, "seed"): integer(0, 2**64 - 1),  # MLX's random seed is 64 bits
-    (DataSettings, "seq_len"): integer(2),  # inputs and targets are the row shifted by one
+    (DataSettings, "seq_len"): integer(2, MAX_SEQ_LEN),  # inputs, targets: the row shifted by one
     (DataSettings, "batch_size"): integer(1),
     (DataSettings, "max_images_per_sequence"): integer(0),
     (DataSettings, "loss_weighting"): choice(LOSS_WEIGHTINGS),
