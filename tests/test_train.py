@@ -127,7 +127,14 @@ def test_an_output_folder_holding_the_model_or_data_is_refused(workdir, out):
 
 
 def test_a_loss_that_is_not_finite_stops_the_run(workdir):
-    recipe = load_recipe(workdir / "tiny-pretrain.toml", ["optimizer.lr=1e30"], out=workdir / "o")
+    """A model whose decoder's last norm holds NaN (as a diverged checkpoint would)."""
+    path = workdir / "model" / "model.safetensors"
+    weights = mx.load(str(path))
+    weights["decoder.model.norm.weight"] = mx.full(
+        weights["decoder.model.norm.weight"].shape, mx.nan
+    )
+    mx.save_safetensors(str(path), weights)
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", out=workdir / "o")
     with pytest.raises(UserError, match=r"step \d+: the loss is nan; the run stops"):
         train(recipe)
     assert not (workdir / "o" / "model.safetensors").exists()

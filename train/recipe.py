@@ -179,6 +179,13 @@ MAX_STEPS = 9_999_999
 # Gradient norms of a training run are of order 1 (a few hundred when it diverges): a clip far
 # past them never acts, and 0 is how a recipe says "no clipping".
 MAX_GRAD_CLIP = 1000.0
+# Learning rates are of order 1e-6..1e-2 (MM1's rule gives under 0.6 for any decoder). AdamW
+# moves each weight by about lr a step: past 10, every step moves the weights far past their own
+# scale, and the loss only diverges.
+MAX_LR = 10.0
+# A module's learning rate against optimizer.lr (0: it does not move); the recipes here use 0.1
+# and 2. Past 1000 the product is no learning rate either.
+MAX_LR_MULTIPLIER = 1000.0
 # Past the context of any model made: a model whose config gives no max_position_embeddings is
 # checked against this alone (a row is seq_len + 1 tokens, and attention grows as its square).
 MAX_SEQ_LEN = 1 << 20
@@ -203,7 +210,7 @@ RULES: dict[tuple[type, str], Rule] = {
     (SourceConfig, "image_column"): TEXT,
     (SourceConfig, "text_column"): TEXT,
     (OptimizerSettings, "name"): choice(OPTIMIZERS),
-    (OptimizerSettings, "lr"): or_mm1(POSITIVE),
+    (OptimizerSettings, "lr"): or_mm1(number(0, MAX_LR, open_low=True)),
     (OptimizerSettings, "weight_decay"): or_mm1(NON_NEGATIVE),
     (OptimizerSettings, "betas"): BETAS,
     (OptimizerSettings, "warmup_steps"): integer(0),  # and at most train.steps: check_recipe
@@ -217,7 +224,7 @@ RULES: dict[tuple[type, str], Rule] = {
     (TrainSettings, "box_smoothing"): number(0, COORDINATE_MAX),
     (TrainSettings, "gradient_checkpointing"): FLAG,
     (ModuleSettings, "trainable"): FLAG,
-    (ModuleSettings, "lr_multiplier"): NON_NEGATIVE,
+    (ModuleSettings, "lr_multiplier"): number(0, MAX_LR_MULTIPLIER),
     (LoraSettings, "rank"): integer(1),
     # B A's weight beside W (mlx-lm's default 20): 0 or less undoes or flips the adapter, and a
     # huge one overflows float32 (inf x B's starting zeros is NaN).
