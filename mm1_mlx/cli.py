@@ -416,7 +416,11 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT.")] = False,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a recipe value, e.g. --set train.steps=100."),
+        typer.Option(
+            "--set",
+            help="Override a recipe value, e.g. --set train.steps=100 "
+            "or --set data.sources[0].weight=2.",
+        ),
     ] = None,
     ranks: Annotated[int, RANKS] = 1,
 ) -> None:

@@ -122,6 +122,15 @@ CASES = [
     ("unknown top-level key", set_("seeds=1"), "recipe.toml: unknown key 'seeds' (known: model, out, seed, "),
     ("set below a string", set_("model.x=3"), "--set 'model.x=3': model is not a table"),
     ("set without a key", set_("=3"), "expected KEY=VALUE"),
+    ("set an entry past the list", set_("data.sources[1].weight=2"), "--set 'data.sources[1].weight=2': data.sources has no entry [1] (1 in the recipe; entries are added in the recipe file)"),
+    ("set an entry of a missing list", set_("data.validation[0].format=text"), "data.validation has no entry [0] (0 in the recipe"),
+    ("set an entry of a table", set_("train[0].steps=3"), "train has no entry [0]"),
+    ("set an entry of a value", set_("seed[0]=3"), "seed has no entry [0]"),
+    ("set an entry by name", set_("data.sources[a].weight=2"), "'sources[a]': a list's entry is named as name[index], e.g. data.sources[0].weight=2"),
+    ("set an entry from the end", set_("data.sources[-1].weight=2"), "a list's entry is named as name[index]"),
+    ("set an entry's bad value", set_("data.sources[0].weight=0"), "data.sources[0].weight must be a finite number > 0, not 0"),
+    ("set an entry's unknown key", set_("data.sources[0].wieght=2"), "data.sources[0]: unknown key 'wieght'"),
+    ("set below an entry's string", set_("data.sources[0].format.x=2"), "data.sources[0].format is not a table"),
 ]  # fmt: skip
 
 
@@ -157,6 +166,13 @@ def test_good_values_load_as_their_types(project):
     assert recipe.optimizer.lr == 1.0 and isinstance(recipe.optimizer.lr, float)
     assert recipe.optimizer.betas == (0.0, 0.5) and recipe.optimizer.weight_decay == "mm1"
     assert recipe.modules["vision"].trainable is False and recipe.lora.quantize_bits == 4
+
+
+def test_set_reaches_an_entry_of_a_list(project):
+    (project / "data" / "b.jsonl").write_text("")
+    text = SOURCE.replace("a.jsonl", "b.jsonl")
+    recipe = load_recipe(write_recipe(project, text), ["data.sources[1].weight=2.5"])
+    assert [source.weight for source in recipe.data.sources] == [1.0, 2.5]
 
 
 def test_every_value_has_a_rule():

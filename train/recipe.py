@@ -401,14 +401,50 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(values: dict, text: str) -> None:
+    """Set one value of the recipe's tables; `name[i]` is the i-th table of a list, which the
+    recipe must hold already (`data.sources[0].weight=2`)."""
     keys, value = parse_override(text)
-    table = values
-    for depth, key in enumerate(keys[:-1]):
-        table = table.setdefault(key, {})
-        if not isinstance(table, dict):
-            where = ".".join(keys[: depth + 1])
-            raise UserError(f"--set {text!r}: {where} is not a table")
-    table[keys[-1]] = value
+    steps = [step for key in keys for step in _steps(key, text)]
+    container: Any = values
+    for depth, step in enumerate(steps):
+        above = _joined(steps[:depth])
+        if isinstance(step, int):
+            entries = container if isinstance(container, list) else []
+            if step >= len(entries):
+                raise UserError(
+                    f"--set {text!r}: {above} has no entry [{step}] ({len(entries)} in the "
+                    "recipe; entries are added in the recipe file)"
+                )
+        elif not isinstance(container, dict):
+            raise UserError(f"--set {text!r}: {above} is not a table")
+        if depth == len(steps) - 1:
+            container[step] = value
+        elif isinstance(step, int):
+            container = container[step]
+        else:
+            container = container.setdefault(step, {})
+
+
+def _steps(key: str, text: str) -> list[str | int]:
+    """One dotted part of a --set key: `sources[1]` -> ["sources", 1], `steps` -> ["steps"]."""
+    name, bracket, rest = key.partition("[")
+    if not bracket:
+        return [key]
+    index = rest.removesuffix("]")
+    if not (name and rest.endswith("]") and index.isascii() and index.isdigit()):
+        raise UserError(
+            f"--set {text!r}: {key!r}: a list's entry is named as name[index], "
+            "e.g. data.sources[0].weight=2"
+        )
+    return [name, int(index)]
+
+
+def _joined(steps: list[str | int]) -> str:
+    """["data", "sources", 0] -> "data.sources[0]"."""
+    return "".join(
+        f"[{step}]" if isinstance(step, int) else f".{step}" if index else step
+        for index, step in enumerate(steps)
+    )
 
 
 def load_recipe(path: Path, overrides: list[str] = (), out: Path | None = None) -> Recipe:
