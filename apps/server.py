@@ -54,6 +54,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mm1_mlx.errors import UserError
 from mm1_mlx.generate import (
+    MAX_TEMPERATURE,
     GenerationChunk,
     GenerationSettings,
     ImageFeatureCache,
@@ -521,7 +522,9 @@ def read_settings(request: dict[str, Any]) -> GenerationSettings:
     try:
         return GenerationSettings(
             max_tokens=_option(request, "max_completion_tokens", int, max_tokens, low=1),
-            temperature=_option(request, "temperature", float, defaults.temperature, low=0, high=2),
+            temperature=_option(
+                request, "temperature", float, defaults.temperature, low=0, high=MAX_TEMPERATURE
+            ),
             top_p=_option(request, "top_p", float, defaults.top_p, low=0, high=1),
             stop=read_stop(request.get("stop")),
             seed=_option(request, "seed", int, None, *SEED_RANGE),

@@ -24,6 +24,12 @@ from mm1_mlx.model import MM1Model
 from mm1_mlx.processor import ImageInput, Processor, PromptInputs, common_prefix_length
 
 MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy in all but name
+# OpenAI's range, and the app's: hotter only flattens the answers toward random tokens.
+MAX_TEMPERATURE: float = 2  # an int: messages say "2"
+# Seen tokens' logits are divided (positive) or multiplied (negative) by the penalty in the
+# model's dtype (CTRL suggests 1.2): by 100 a seen token is all but ruled out, and a penalty far
+# past it (or far under 1/100) takes logits out of float16's range.
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass
@@ -53,6 +59,16 @@ class GenerationSettings:
             raise UserError(
                 f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
                 f"not {self.temperature}"
+            )
+        if not self.temperature <= MAX_TEMPERATURE:
+            raise UserError(
+                f"temperature must be at most {MAX_TEMPERATURE:g}, not {self.temperature:g}"
+            )
+        low, high = 1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+        if not low <= self.repetition_penalty <= high:
+            raise UserError(
+                f"repetition_penalty must be from {low:g} to {high:g} (1: off), "
+                f"not {self.repetition_penalty:g}"
             )
 
     def check_for(self, model: MM1Model) -> None:

@@ -134,6 +134,7 @@ BAD_REQUESTS = [
     ),
     ("temperature below 0", asking(temperature=-0.1), 400, "temperature must be from 0 to 2"),
     ("temperature text", asking(temperature="hot"), 400, "temperature must be a number"),
+    ("temperature 1e308", asking(temperature=1e308), 400, "from 0 to 2, not 1e+308"),
     ("temperature 1e-320", asking(temperature=1e-320), 400, "must be 0 (greedy) or at least"),
     ("top_p over 1", asking(top_p=1.5), 400, "top_p must be from 0 to 1"),
     ("top_p list", asking(top_p=[0.5]), 400, "not a list"),
