@@ -378,8 +378,14 @@ def app_command(
     serve(model, host, port)
 
 
+# Each rank is a process holding a whole copy of the model, with a port and open files of its
+# own: far past the cores of a machine, they only share them. The global batch must split
+# evenly over them too (run_as_ranks), before any is started.
+MAX_RANKS = 256
 RANKS = typer.Option(
-    min=1, help="Data-parallel ranks on this machine (each with its share of the cores)."
+    min=1,
+    max=MAX_RANKS,
+    help="Data-parallel ranks on this machine (each with its share of the cores).",
 )
 
 

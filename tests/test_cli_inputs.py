@@ -224,6 +224,10 @@ CASES = [
     ("tokenizer: vocabulary too large", ["data", "tokenizer", "{jsonl}", "--out", "{out}",
                                          "--vocab-size", "100000000000"], "at most 1,000,000"),
     ("train: recipe nested 50k deep", ["train", "{deep_toml}"], "nested too deeply"),
+    ("train: a million ranks", ["train", "{recipe}", "--set", "data.batch_size=1000000",
+                                "--ranks", "1000000", "--out", "{out}"], "--ranks"),
+    ("train: more ranks than the batch", ["train", "{recipe}", "--ranks", "8", "--out", "{out}"],
+     "a batch of 4 does not split evenly over 8 ranks"),
     ("eval: a later line's markers do not match its images", [*EVAL, "--data", "{markers}"],
      "markers.jsonl:2: the prompt has 2 <image> markers but 1 images"),
     ("eval: a later line over the context", ["eval", "--model", "{model}", "--data",
@@ -258,6 +262,10 @@ def inputs(tiny_model_dir, tmp_path_factory):
         (root / f"bad_{part}" / "config.json").write_text(json.dumps({**config, key: value}))
     (root / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (root / "deep.toml").write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    recipe = f'model = "{tiny_model_dir}"\nout = "run"\n[data]\nbatch_size = 4\n'
+    (root / "recipe.toml").write_text(
+        recipe + '[[data.sources]]\npath = "data.jsonl"\nformat = "text"\n'
+    )
     (root / "empty.jsonl").write_text("")
     (root / "surrogate.jsonl").write_text(json.dumps({**example, "answer": "\ud800"}) + "\n")
     (root / "not_utf8.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
@@ -287,6 +295,7 @@ def inputs(tiny_model_dir, tmp_path_factory):
         "bad_llm": root / "bad_llm",  # num_hidden_layers -1
         "deep_jsonl": root / "deep.jsonl",
         "deep_toml": root / "deep.toml",
+        "recipe": root / "recipe.toml",  # a batch of 4 on the tiny model
         "empty": root / "empty.jsonl",
         "surrogate": root / "surrogate.jsonl",
         "not_utf8": root / "not_utf8.jsonl",
