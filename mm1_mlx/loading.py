@@ -1,8 +1,8 @@
 """Model folders on disk (docs/architecture.md, "The model folder"): load, save, and hub look-up.
 
 A folder holds config.json (`model_type: "mm1"`), model.safetensors (or shards with
-model.safetensors.index.json) with `vision.`, `connector.`, `decoder.` weight names, and the
-tokenizer files. Folders are written atomically: into a temporary sibling, then renamed.
+model.safetensors.index.json; never both) with `vision.`, `connector.`, `decoder.` weight names,
+and the tokenizer files. Folders are written atomically: into a temporary sibling, then renamed.
 """
 
 import json
@@ -74,18 +74,41 @@ def read_config(folder: Path) -> MM1Config:
 
 
 def _weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names. Weight files beside
+    them that neither names (a shard of another save, a single file beside shards) make the
+    folder ambiguous: it is refused rather than loaded without them."""
     index = folder / "model.safetensors.index.json"
+    single = (folder / "model.safetensors").is_file()
+    shards = sorted(path.name for path in folder.glob("model-*.safetensors"))
+    which = "which are the model's weights? (remove the files that are not)"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(
             isinstance(name, str) and name for name in weight_map.values()
         ):
             raise UserError(f"{index}: weight_map must be an object of weight name -> file name")
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise UserError(f"{folder}: no model.safetensors")
+        names = sorted(set(weight_map.values()))
+        found = ["model.safetensors"] * single + shards
+        unnamed = [name for name in found if name not in names]
+        if unnamed:
+            raise UserError(f"{folder}: {index.name} does not name {_listed(unnamed)}: {which}")
+        return [folder / name for name in names]
+    if single and shards:
+        raise UserError(
+            f"{folder}: holds model.safetensors and {_listed(shards)}, and no {index.name} "
+            f"says which to load: {which}"
+        )
+    if shards:
+        raise UserError(f"{folder}: holds {_listed(shards)} but no {index.name} to list them")
+    if not single:
+        raise UserError(f"{folder}: no model.safetensors")
+    return [folder / "model.safetensors"]
+
+
+def _listed(names: list[str]) -> str:
+    """["a", "b", "c", "d"] -> "a, b, c and 1 more"."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def quantize_like(model: nn.Module, quantization: dict[str, Any], weights: dict) -> None:

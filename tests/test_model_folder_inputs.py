@@ -99,6 +99,53 @@ def test_weight_map_not_an_object(edited_folder):
     assert_refused(folder, "weight_map must be an object", "model.safetensors.index.json")
 
 
+def weight_files(*shards: str, index: dict | None = None, single: bool = True):
+    """A change to a model folder: copies of model.safetensors named `shards`, an index whose
+    weight_map is `index`, model.safetensors kept if `single`."""
+
+    def change(folder: Path) -> None:
+        for name in shards:
+            shutil.copy(folder / "model.safetensors", folder / name)
+        if index is not None:
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+        if not single:
+            (folder / "model.safetensors").unlink()
+
+    return change
+
+
+ONE, TWO = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+# (case, what changes in the tiny model's folder, what the one-line message must contain)
+WEIGHT_FILE_CASES = [
+    ("a shard beside model.safetensors", weight_files(ONE),
+     f"holds model.safetensors and {ONE}, and no model.safetensors.index.json says which to "
+     "load: which are the model's weights? (remove the files that are not)"),
+    ("an index beside model.safetensors", weight_files(ONE, index={"w": ONE}),
+     "model.safetensors.index.json does not name model.safetensors: which are"),
+    ("a shard the index does not name", weight_files(ONE, TWO, index={"w": ONE}, single=False),
+     f"model.safetensors.index.json does not name {TWO}: which are"),
+    ("shards without an index", weight_files(ONE, TWO, single=False),
+     f"holds {ONE}, {TWO} but no model.safetensors.index.json to list them"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [case[1:] for case in WEIGHT_FILE_CASES],
+    ids=[case[0] for case in WEIGHT_FILE_CASES],
+)
+def test_ambiguous_weight_files(tiny_model_dir, tmp_path, change, expected):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    change(folder)
+    with pytest.raises(UserError) as raised:
+        mm1_mlx.load(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}: ") and expected in message and "\n" not in message
+    code, _, err = run_cli("chat", "--model", str(folder), "hi")
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and expected in err
+
+
 def test_init_checks_its_config(tiny_model_dir, tmp_path):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     config["vision_config"]["patch_size"] = 0
