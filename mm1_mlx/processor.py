@@ -285,6 +285,19 @@ class PromptInputs:
 
 
 _NEXT_IMAGE = object()  # a marker whose image is the next of the `images` argument
+# What a chat message may hold, as the app's API takes it: the chat template sees no other key.
+MESSAGE_KEYS = ("role", "content", "name")
+
+
+def check_message_keys(message: dict[str, Any]) -> None:
+    """A chat message holds role, content and maybe a name (a string), nothing the chat
+    template would be given unchecked."""
+    unknown = [key for key in message if key not in MESSAGE_KEYS]
+    if unknown:
+        known = ", ".join(MESSAGE_KEYS)
+        raise UserError(f"a chat message's keys are {known}, not {unknown[0]!r:.40}")
+    if "name" in message and not isinstance(message["name"], str):
+        raise UserError(f"a chat message's name is a string, not {message['name']!r:.40}")
 
 
 def _check_marker_count(markers: int, images: int, image_token: str) -> None:
@@ -403,6 +416,7 @@ class Processor:
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise UserError(f"a chat message needs a role and a content, not {message!r:.80}")
+            check_message_keys(message)
             parts = self._content_parts(message.get("content"), slots)
             conversation.append({**message, "content": self._template_content(parts)})
         wanted = sum(slot is _NEXT_IMAGE for slot in slots)

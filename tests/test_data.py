@@ -431,6 +431,13 @@ BAD_SHAPES = [
      "starts with a user turn"),
     ("chat role out of the three", "chat", turns("user", "tool"),
      "a role is one of system, user, assistant, not 'tool'"),
+    ("chat name a number", "chat", {"messages": [{"role": "user", "content": "hi", "name": 3}]},
+     "a chat message's name is a string, not 3"),
+    ("chat name null", "chat", {"messages": [{"role": "user", "content": "hi", "name": None}]},
+     "a chat message's name is a string, not None"),
+    ("chat message of an unknown key", "chat",
+     {"messages": [{"role": "user", "content": "hi", "weight": 0}]},
+     "a chat message's keys are role, content, name, not 'weight'"),
     ("interleaved part both text and image", "interleaved",
      {"content": [{"text": "red", "image": "a.png"}]}, "a content part is {text} or {image}"),
 ]  # fmt: skip

@@ -374,11 +374,23 @@ def test_chat_marker_count_error(processor):
 
 
 @pytest.mark.parametrize(
-    "messages", [[{"role": "user"}], [{"role": "user", "content": [{"type": "audio"}]}], ["hi"]]
+    "messages",
+    [
+        [{"role": "user"}],
+        [{"role": "user", "content": [{"type": "audio"}]}],
+        ["hi"],
+        [{"role": "user", "content": "hi", "name": ["ann"]}],
+        [{"role": "user", "content": "hi", "tool_calls": []}],
+    ],
 )
 def test_malformed_messages_are_user_errors(processor, messages):
     with pytest.raises(UserError, match="message"):
         processor.apply_chat_template(messages)
+
+
+def test_a_message_s_name_reaches_the_chat_template(processor):
+    message = {"role": "user", "content": "hi", "name": "ann"}
+    assert processor.flatten_messages([message], [])[0][0]["name"] == "ann"
 
 
 def conversations() -> tuple[list[dict], list[dict]]:
