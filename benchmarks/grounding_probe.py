@@ -32,7 +32,7 @@ def forced_coordinates(model, processor, example: EvalExample) -> tuple[list[int
     plain, spaced = number_token_ids(processor.tokenizer)
     value_of = {token: value for table in (plain, spaced) for value, token in enumerate(table)}
     prompt = processor.apply_chat_template(example.messages, example.images)
-    answer = processor.tokenizer.encode(example.answer, add_special_tokens=False)
+    answer = processor.tokenizer.encode(" " + example.answer, add_special_tokens=False)
     pixels = None if prompt.tiles is None else mx.array(prompt.tiles)
     logits = model(mx.array([list(prompt.input_ids) + answer]), pixels)[0]
     truth, guess = [], []
