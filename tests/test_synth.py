@@ -283,6 +283,7 @@ def test_the_dataset_layout(dataset):
         "captions.jsonl",
         "chat.jsonl",
         "eval",
+        "grounding.jsonl",
         "images",
         "interleaved.jsonl",
         "scenes.jsonl",
@@ -294,6 +295,12 @@ def test_the_dataset_layout(dataset):
     singles = [chat for chat in chats if len(chat["images"]) == 1]
     assert len(singles) == 12 and min(len(chat["messages"]) for chat in singles) >= 4
     assert len(chats) - len(singles) == 6  # a compare question per shape scene
+    scenes = [synth.scene_from_record(record) for record in lines(dataset / "scenes.jsonl")]
+    for chat, scene in zip(lines(dataset / "grounding.jsonl"), scenes, strict=True):
+        turns = [message["content"].removeprefix("<image>\n") for message in chat["messages"]]
+        grounded = {qa.question: qa.answer for qa in synth.questions(scene)
+                    if qa.task.startswith("ground_")}  # fmt: skip
+        assert dict(zip(turns[::2], turns[1::2], strict=True)) == grounded
     for task in synth.TASKS:
         examples = lines(dataset / "eval" / f"{task}.jsonl")
         assert len(examples) == 2 and all(example["task"] == task for example in examples)

@@ -499,6 +499,18 @@ def chat_records(names: list[str], scenes: list[Scene], rng: random.Random) -> l
     return records
 
 
+def grounding_records(names: list[str], scenes: list[Scene], rng: random.Random) -> list[dict]:
+    """Per image one conversation of nothing but its objects' boxes ("Where is the ...?" for
+    each object, in random order): grounding on its own, for a grounding curriculum or a short
+    probe of how a model learns it."""
+    records = []
+    for name, scene in zip(names, scenes, strict=True):
+        qas = [qa for qa in questions(scene) if qa.task.startswith("ground_")]
+        rng.shuffle(qas)
+        records.append({"images": [name], "messages": conversation(qas, 1)})
+    return records
+
+
 def partner(
     scene: ShapeScene, shapes: list[tuple[str, ShapeScene]], rng: random.Random
 ) -> tuple[str, ShapeScene]:
@@ -688,8 +700,9 @@ def write_dataset(
     on_image: Callable[[], None] = lambda: None,
 ) -> None:
     """`n` training scenes (even: shapes, odd: screens) as pre-training files (captions,
-    interleaved, text), SFT chats and scenes.jsonl, plus held-out eval/<task>.jsonl sets of
-    `eval_per_task` examples. Written to a temporary folder that replaces `out` at the end."""
+    interleaved, text), SFT chats, grounding-only chats and scenes.jsonl, plus held-out
+    eval/<task>.jsonl sets of `eval_per_task` examples. Written to a temporary folder that
+    replaces `out` at the end."""
     check_style(style)
     check_counts(n, eval_per_task, out, overwrite)
     rng = random.Random(seed)
@@ -709,6 +722,7 @@ def write_dataset(
         write_jsonl(tmp / "interleaved.jsonl", interleaved_records(names, scenes, rng))
         write_jsonl(tmp / "text.jsonl", text_records(scenes, rng))
         write_jsonl(tmp / "chat.jsonl", chat_records(names, scenes, rng))
+        write_jsonl(tmp / "grounding.jsonl", grounding_records(names, scenes, rng))
         write_eval_files(tmp / "eval", eval_per_task, seed, style, on_image)
 
 
