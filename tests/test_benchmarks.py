@@ -27,8 +27,8 @@ def run_benchmark(name: str, *args: str) -> str:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = ["demo_eval", "demo_training", "encoder_probe", "grounding_probe", "inference",
-              "openblas_matmul", "training"]  # fmt: skip
+    tested = ["demo_eval", "demo_training", "encoder_probe", "grounding_probe",
+              "grounding_trace", "inference", "openblas_matmul", "training"]  # fmt: skip
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
 
 
@@ -37,6 +37,15 @@ def test_grounding_probe():
     rows = [line for line in out.splitlines() if line.startswith("| ground_")]
     counts = [row.split(" | ")[:2] for row in rows]
     assert counts == [["| ground_shape", "3"], ["| ground_button", "3"]]
+
+
+def test_grounding_trace():
+    out = run_benchmark("grounding_trace.py", "--n", "10", "--steps", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]  # past the header
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    layers = config["text_config"]["num_hidden_layers"]
+    # the mean box, the token probe, a row per decoder layer, the answer; four numbers each
+    assert len(rows) == 3 + layers and all(len(row.split(" | ")) == 5 for row in rows)
 
 
 def test_openblas_matmul():
