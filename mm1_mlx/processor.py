@@ -335,13 +335,16 @@ def foreign_model_type_quiet() -> Iterator[None]:
 def check_chat_template(template: Any) -> None:
     """A tokenizer's chat template, None (none) or Jinja text (or named texts), parsed as
     transformers will: a broken one is refused as the model loads, not at its first prompt."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
     if template is None:
         return
     for text in template.values() if isinstance(template, dict) else [template]:
         if not isinstance(text, str):
             raise UserError(f"the chat template must be Jinja text, not {text!r:.40}")
         try:
-            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+            # transformers' own compiler: its templates may use its {% generation %} tag
+            _compile_jinja_template(text)
         except jinja2.TemplateSyntaxError as error:
             raise UserError(
                 f"the chat template is not valid Jinja (line {error.lineno}: {error.message})"
