@@ -32,8 +32,9 @@ def test_every_benchmark_has_a_smoke_test():
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
 
 
-def test_grounding_probe():
-    out = run_benchmark("grounding_probe.py", "--n", "3")
+@pytest.mark.parametrize("flags", [[], ["--shuffle-image-tokens"]])
+def test_grounding_probe(flags):
+    out = run_benchmark("grounding_probe.py", "--n", "3", *flags)
     rows = [line for line in out.splitlines() if line.startswith("| ground_")]
     counts = [row.split(" | ")[:2] for row in rows]
     assert counts == [["| ground_shape", "3"], ["| ground_button", "3"]]
