@@ -68,6 +68,8 @@ CASES = [
     ("z-loss huge", set_("train.z_loss=1e300"), "train.z_loss must be a finite number in [0, 1], not 1e+300"),
     ("box smoothing negative", set_("train.box_smoothing=-1"), "train.box_smoothing must be a finite number in [0, 1000]"),
     ("box smoothing past the grid", set_("train.box_smoothing=1e300"), "train.box_smoothing must be a finite number in [0, 1000], not 1e+300"),
+    ("image token shuffle past 1", set_("train.image_token_shuffle=1.5"), "train.image_token_shuffle must be a finite number in [0, 1], not 1.5"),
+    ("image token shuffle not a number", set_("train.image_token_shuffle=nan"), "train.image_token_shuffle must be a finite number in [0, 1]"),
     ("checkpointing a word", set_("train.gradient_checkpointing=no"), "train.gradient_checkpointing must be true or false, not 'no'"),
     ("batch 0", set_("data.batch_size=0"), "data.batch_size must be an integer >= 1"),
     ("seq_len 1", set_("data.seq_len=1"), "data.seq_len must be an integer from 2 to 1048576, not 1"),

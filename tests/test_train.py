@@ -159,6 +159,27 @@ def test_validation_reads_its_data_once_at_most(tiny_model, tmp_path):
     assert len(drawn) == 3 and np.isfinite(loss)  # a line a batch, then the data runs out
 
 
+def test_shuffled_image_tokens_change_only_where_the_tokens_sit(tiny_model, tmp_path):
+    model, processor = tiny_model
+    make_dataset(tmp_path / "data")
+    source = SourceConfig(str(tmp_path / "data" / "captions.jsonl"), "caption")
+    batch = DataLoader([source], processor, seq_len=64, batch_size=4).next_batch()
+    tokens = model.config.num_image_tokens
+    orders = trainer.image_token_orders(batch, 1.0, 0, tokens)
+    assert orders.shape == (len(batch.pixels), tokens)
+    assert all(sorted(order) == list(range(tokens)) for order in orders)
+    assert (orders != np.arange(tokens)).any()
+    assert np.array_equal(orders, trainer.image_token_orders(batch, 1.0, 0, tokens))  # resumable
+    assert not np.array_equal(orders, trainer.image_token_orders(batch, 1.0, 1, tokens))
+    assert trainer.image_token_orders(batch, 0.0, 0, tokens) is None
+    plain = trainer.loss_sums(model, batch, 0.0)
+    as_they_are = np.tile(np.arange(tokens), (len(batch.pixels), 1))
+    kept = trainer.loss_sums(model, batch, 0.0, token_orders=as_they_are)
+    shuffled = trainer.loss_sums(model, batch, 0.0, token_orders=orders)
+    assert [x.item() for x in kept] == [x.item() for x in plain]
+    assert shuffled[0].item() != plain[0].item()
+
+
 def test_a_recipe_that_trains_nothing_is_refused(workdir):
     frozen = [f"modules.{name}.trainable=false" for name in ("vision", "connector", "decoder")]
     recipe = load_recipe(workdir / "tiny-pretrain.toml", frozen, out=workdir / "o")
@@ -174,14 +195,15 @@ def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(workdir):
         train(fewer, resume=True)
 
 
-def test_resume_reproduces_the_uninterrupted_run(workdir):
-    whole = train(load_recipe(workdir / "tiny-pretrain.toml", out=workdir / "whole"))
+@pytest.mark.parametrize("overrides", [[], ["train.image_token_shuffle=0.5"]])
+def test_resume_reproduces_the_uninterrupted_run(workdir, overrides):
+    whole = train(load_recipe(workdir / "tiny-pretrain.toml", overrides, out=workdir / "whole"))
 
     def interrupt_at_step_6(step, _):
         if step == 6:
             raise KeyboardInterrupt
 
-    recipe = load_recipe(workdir / "tiny-pretrain.toml", out=workdir / "resumed")
+    recipe = load_recipe(workdir / "tiny-pretrain.toml", overrides, out=workdir / "resumed")
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 6"):
         train(recipe, reporter=interrupt_at_step_6)
     assert sorted(p.name for p in (workdir / "resumed" / "checkpoints").iterdir()) == [

@@ -82,6 +82,9 @@ class TrainSettings:
     grad_clip: float | None = 1.0  # 0 or None: no clipping
     z_loss: float = 0.0  # coefficient of the output z-loss, mean logsumexp(logits)^2
     box_smoothing: float = 0.0  # sigma (0..1000 units) of box coordinates' soft targets
+    # The chance that an image tile's tokens reach the decoder in a random order: where they
+    # sit then tells nothing, and the decoder must locate things by what the tokens hold.
+    image_token_shuffle: float = 0.0
     gradient_checkpointing: bool = False
 
 
@@ -222,6 +225,7 @@ RULES: dict[tuple[type, str], Rule] = {
     (TrainSettings, "z_loss"): number(0, 1),  # PaLM's 1e-4; far larger drowns the loss
     # 0: off; wider than the 0..1000 grid, the soft targets are flat over it.
     (TrainSettings, "box_smoothing"): number(0, COORDINATE_MAX),
+    (TrainSettings, "image_token_shuffle"): number(0, 1),
     (TrainSettings, "gradient_checkpointing"): FLAG,
     (ModuleSettings, "trainable"): FLAG,
     (ModuleSettings, "lr_multiplier"): number(0, MAX_LR_MULTIPLIER),

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mm1_mlx.boxes import COORDINATE_MAX
@@ -115,14 +117,38 @@ def peak_lr(recipe: Recipe, model: MM1Model) -> float:
 # -- one step -----------------------------------------------------------------------------------
 
 
+def image_token_orders(batch: Batch, chance: float, seed: int, tokens: int) -> np.ndarray | None:
+    """[tiles, tokens]: the order in which each image tile's tokens reach the decoder, random
+    with `chance`, else as they are; None when nothing is shuffled. Drawn from the recipe's
+    seed and the batch's own tokens, so that a resumed run draws the same orders."""
+    if not chance or batch.pixels is None:
+        return None
+    rng = np.random.default_rng([seed, zlib.crc32(batch.input_ids.tobytes())])
+    orders = np.tile(np.arange(tokens), (len(batch.pixels), 1))
+    for tile in np.flatnonzero(rng.random(len(batch.pixels)) < chance):
+        orders[tile] = rng.permutation(tokens)
+    return orders
+
+
 def loss_sums(
-    model: MM1Model, batch: Batch, z_loss: float, smoothing: CoordinateSmoothing | None = None
+    model: MM1Model,
+    batch: Batch,
+    z_loss: float,
+    smoothing: CoordinateSmoothing | None = None,
+    token_orders: np.ndarray | None = None,
 ) -> tuple[mx.array, mx.array]:
     """(sum of weighted training loss, sum of weighted cross-entropy) over a batch. With
     `smoothing`, the training loss takes box coordinates' soft targets; the cross-entropy
-    (what is logged) stays exact."""
+    (what is logged) stays exact. `token_orders`: see `image_token_orders`."""
+    input_ids = mx.array(batch.input_ids)
     pixels = None if batch.pixels is None else mx.array(batch.pixels)
-    logits = model(mx.array(batch.input_ids), pixels).astype(mx.float32)
+    if token_orders is None:
+        logits = model(input_ids, pixels)
+    else:
+        order = mx.array(token_orders)[..., None]
+        features = mx.take_along_axis(model.encode_images(pixels), order, axis=1)
+        logits = model(input_ids, image_features=features)
+    logits = logits.astype(mx.float32)
     log_normaliser = mx.logsumexp(logits, axis=-1)
     targets = mx.array(batch.targets)[..., None]
     cross_entropy = log_normaliser - mx.take_along_axis(logits, targets, axis=-1)[..., 0]
@@ -157,8 +183,10 @@ def make_train_step(
     settings = recipe.train
 
     def objective(model, batch: Batch, total_weight: float, share: float):
+        tokens = model.config.num_image_tokens
+        orders = image_token_orders(batch, settings.image_token_shuffle, recipe.seed, tokens)
         with router.masking(mx.array(batch.token_mask)):
-            training, cross_entropy = loss_sums(model, batch, settings.z_loss, smoothing)
+            training, cross_entropy = loss_sums(model, batch, settings.z_loss, smoothing, orders)
             auxiliary = router.loss()
         # `share` spreads the (already averaged) router loss over micro-batches and ranks.
         return training / total_weight + share * auxiliary, cross_entropy
