@@ -129,6 +129,16 @@ WEIGHT_FILE_CASES = [
 ]  # fmt: skip
 
 
+def assert_refused_on_load(folder, expected: str) -> None:
+    """Loading the folder, by the library and by `chat`, is a one-line error holding `expected`."""
+    with pytest.raises(UserError) as raised:
+        mm1_mlx.load(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}: ") and expected in message and "\n" not in message
+    code, _, err = run_cli("chat", "--model", str(folder), "hi")
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and expected in err
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [case[1:] for case in WEIGHT_FILE_CASES],
@@ -138,12 +148,7 @@ def test_ambiguous_weight_files(tiny_model_dir, tmp_path, change, expected):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     change(folder)
-    with pytest.raises(UserError) as raised:
-        mm1_mlx.load(folder)
-    message = str(raised.value)
-    assert message.startswith(f"{folder}: ") and expected in message and "\n" not in message
-    code, _, err = run_cli("chat", "--model", str(folder), "hi")
-    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and expected in err
+    assert_refused_on_load(folder, expected)
 
 
 def test_init_checks_its_config(tiny_model_dir, tmp_path):
@@ -174,9 +179,4 @@ def test_bad_tokenizer_file(tiny_model_dir, tmp_path, name, content, expected):
         (folder / "chat_template.jinja").unlink()
         content = json.dumps({**json.loads((folder / name).read_text()), **content})
     (folder / name).write_text(content)
-    with pytest.raises(UserError) as raised:
-        mm1_mlx.load(folder)
-    message = str(raised.value)
-    assert message.startswith(f"{folder}: ") and expected in message and "\n" not in message
-    code, _, err = run_cli("chat", "--model", str(folder), "hi")
-    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and expected in err
+    assert_refused_on_load(folder, expected)
