@@ -25,13 +25,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from encoder_probe import ridge_fit  # the same ridge, on the tokens there
 from mlx_lm.models.base import create_attention_mask
 
 from mm1_mlx.loading import load, model_or_default
 from mm1_mlx.train import synth
 from mm1_mlx.train.tokenizer import number_token_ids
 
-RIDGE = 10.0
 HELD_OUT = 0.2
 
 
@@ -74,15 +74,6 @@ def token_probe_error(tokens, names, boxes, train: int, steps: int, seed: int) -
         mx.eval(probe.parameters(), optimizer.state)
     guess = np.array(probe(tokens[train:], names[train:])) * 1000
     return np.abs(guess - boxes[train:]).mean(0)
-
-
-def ridge_error(features: np.ndarray, targets: np.ndarray, train: int) -> np.ndarray:
-    mean, scale = features[:train].mean(0), features[:train].std(0) + 1e-6
-    z = (features - mean) / scale
-    centre = targets[:train].mean(0)
-    gram = z[:train].T @ z[:train] + RIDGE * np.eye(z.shape[1])
-    weights = np.linalg.solve(gram, z[:train].T @ (targets[:train] - centre))
-    return np.abs(z[train:] @ weights + centre - targets[train:]).mean(0)
 
 
 def trace(model, processor, scene: synth.ShapeScene, shape: synth.Shape, image):
@@ -149,8 +140,9 @@ def main() -> None:
         np.stack(tokens), np.array(names), boxes, train, args.steps, args.seed
     )
     rows.append(("image tokens: one attention layer queried by the name", token_error))
+    held_out = np.arange(args.n) >= train
     for layer in range(states.shape[1]):
-        error = ridge_error(states[:, layer], boxes, train)
+        error = np.abs(ridge_fit(states[:, layer], boxes, ~held_out) - boxes[held_out]).mean(0)
         rows.append((f"decoder state at the first coordinate, after layer {layer + 1}", error))
     rows.append(("the model's answer (true coordinates before each)", np.abs(
         answers[train:] - boxes[train:]).mean(0)))  # fmt: skip
