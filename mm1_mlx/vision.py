@@ -80,16 +80,37 @@ class ConvEmbedding(nn.Module):
         self.conv1 = nn.Conv2d(3, channels // 2, 3, padding=1)
         self.conv2 = nn.Conv2d(channels // 2, channels, 3, padding=1)
         self.conv3 = nn.Conv2d(channels, channels, 3, padding=1)
-        quarter = patch_size // 4  # a patch's side in the quarter-resolution map
-        self.halve = nn.MaxPool2d(2, stride=2)
-        self.window = nn.MaxPool2d(3 * quarter, stride=quarter, padding=quarter)
+        self.quarter = patch_size // 4  # a patch's side in the quarter-resolution map
         self.proj = nn.Linear(channels, width)
 
     def __call__(self, pixels: mx.array) -> mx.array:
         """pixels [B, H, W, 3] -> [B, H // patch, W // patch, width]"""
-        x = self.halve(nn.relu(self.conv1(pixels)))
-        x = self.halve(nn.relu(self.conv2(x)))
-        return self.proj(self.window(nn.relu(self.conv3(x))))
+        x = block_max(nn.relu(self.conv1(pixels)), 2)
+        x = block_max(nn.relu(self.conv2(x)), 2)
+        return self.proj(window_max(nn.relu(self.conv3(x)), self.quarter))
+
+
+# The poolings are what torch's MaxPool2d computes (the reference test compares them), written
+# as reshapes and maxima: MLX's strided pooling spends ~70x longer in its backward pass on CPU.
+def block_max(x: mx.array, size: int) -> mx.array:
+    """MaxPool2d(size) on [B, H, W, C]: max over non-overlapping blocks, a partial one dropped."""
+    b, h, w, c = x.shape
+    h, w = h // size, w // size
+    x = x[:, : h * size, : w * size]
+    return x.reshape(b, h, size, w, size, c).max(axis=(2, 4))
+
+
+def window_max(x: mx.array, stride: int) -> mx.array:
+    """MaxPool2d(3 * stride, stride, padding=stride) on [B, H, W, C]: each output cell takes the
+    maximum over its own stride x stride block and the eight around it."""
+    h, w = x.shape[1] // stride, x.shape[2] // stride
+    # -inf padding: one block of border before, the partial block (whose rows the last window
+    # still reaches) completed after.
+    after_h, after_w = -x.shape[1] % stride + stride, -x.shape[2] % stride + stride
+    x = mx.pad(x, [(0, 0), (stride, after_h), (stride, after_w), (0, 0)], constant_values=-mx.inf)
+    x = block_max(x, stride)
+    rows = mx.maximum(mx.maximum(x[:, :h], x[:, 1 : h + 1]), x[:, 2 : h + 2])
+    return mx.maximum(mx.maximum(rows[:, :, :w], rows[:, :, 1 : w + 1]), rows[:, :, 2 : w + 2])
 
 
 class VisionTransformer(nn.Module):
