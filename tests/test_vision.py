@@ -17,7 +17,7 @@ from mm1_mlx.config import VisionConfig
 from mm1_mlx.convert.vision import convert_vision
 from mm1_mlx.errors import UserError
 from mm1_mlx.interpolate import resize_bicubic
-from mm1_mlx.vision import VisionTransformer
+from mm1_mlx.vision import VisionTransformer, block_max, window_max
 
 TINY = dict(
     hidden_size=32,
@@ -421,3 +421,18 @@ def test_conv_embedding_matches_torch(size):
     plain.update(model.parameters(), strict=False)
     difference = np.array(model(pixels) - plain(pixels))
     assert relative_error(difference, expected.reshape(2, -1, 16)) <= 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+@pytest.mark.parametrize("size", [(16, 16), (17, 23), (9, 14)])
+def test_poolings_are_torch_max_pooling(stride, size):
+    """block_max and window_max compute torch's MaxPool2d exactly, partial blocks included
+    (the last window still reaches the rows of a partial block; block_max drops them)."""
+    pixels = random_pixels(size)
+    ours = mx.array(pixels.permute(0, 2, 3, 1).numpy())
+    for pooled, reference in [
+        (block_max(ours, stride), torch.nn.MaxPool2d(stride)),
+        (window_max(ours, stride), torch.nn.MaxPool2d(3 * stride, stride, padding=stride)),
+    ]:
+        expected = reference(pixels).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(np.array(pooled), expected)
