@@ -91,8 +91,8 @@ class ConvEmbedding(nn.Module):
 
 
 # The poolings are what torch's MaxPool2d computes (the reference test compares them), written
-# as reshapes and maxima: on MLX's CPU backend the overlapping window's strided pooling took
-# ~70x longer forward and backward (0.89 s against 0.013 s for the demo's 64 tiles a step).
+# as reshapes and maxima: on MLX's CPU backend its strided pooling's backward pass made this
+# module 1.44x slower (benchmarks/conv_pooling.py).
 def block_max(x: mx.array, size: int) -> mx.array:
     """MaxPool2d(size) on [B, H, W, C]: max over non-overlapping blocks, a partial one dropped."""
     b, h, w, c = x.shape

@@ -27,9 +27,16 @@ def run_benchmark(name: str, *args: str) -> str:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = ["demo_eval", "demo_training", "encoder_probe", "grounding_probe",
+    tested = ["conv_pooling", "demo_eval", "demo_training", "encoder_probe", "grounding_probe",
               "grounding_trace", "inference", "openblas_matmul", "training"]  # fmt: skip
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
+
+
+def test_conv_pooling():
+    out = run_benchmark("conv_pooling.py", "--tiles", "2", "--rounds", "1")
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "nn.MaxPool2d", "reshapes (vision.py)", "ratio"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("flags", [[], ["--shuffle-image-tokens"]])
