@@ -140,10 +140,15 @@ def loss_sums(
     """(sum of weighted training loss, sum of weighted cross-entropy) over a batch. With
     `smoothing`, the training loss takes box coordinates' soft targets; the cross-entropy
     (what is logged) stays exact. `token_orders`: see `image_token_orders`."""
-    features = None if batch.pixels is None else model.encode_images(mx.array(batch.pixels))
-    if token_orders is not None:
-        features = mx.take_along_axis(features, mx.array(token_orders)[..., None], axis=1)
-    logits = model(mx.array(batch.input_ids), image_features=features).astype(mx.float32)
+    input_ids = mx.array(batch.input_ids)
+    pixels = None if batch.pixels is None else mx.array(batch.pixels)
+    if token_orders is None:
+        logits = model(input_ids, pixels)
+    else:
+        order = mx.array(token_orders)[..., None]
+        features = mx.take_along_axis(model.encode_images(pixels), order, axis=1)
+        logits = model(input_ids, image_features=features)
+    logits = logits.astype(mx.float32)
     log_normaliser = mx.logsumexp(logits, axis=-1)
     targets = mx.array(batch.targets)[..., None]
     cross_entropy = log_normaliser - mx.take_along_axis(logits, targets, axis=-1)[..., 0]
