@@ -1,6 +1,7 @@
 """Training throughput of the demo recipe's stages: one process vs `--ranks 2`, side by side.
 
     python benchmarks/demo_training.py [--images 600] [--steps 8] [--rounds 2] [--tiny]
+                                       [--stages dense pretrain sft]
 
 Builds a small copy of the demo recipe's world in a temporary folder (`data synth` with both
 seeds, the tokenizer, `init`), then runs each stage as build.sh does, through the CLI, for a
@@ -22,6 +23,11 @@ from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent.parent / "train" / "recipes" / "demo"
 SETTINGS = ("1 process", "2 ranks")
+STAGES = {
+    "dense pre-training (images/s)": "dense",
+    "pre-training (tokens/s)": "pretrain",
+    "SFT (tokens/s)": "sft",
+}
 
 
 def cli(*args: str, cwd: Path) -> str:
@@ -67,14 +73,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="seconds: a smoke test, no result")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES.values(), default=list(STAGES.values())
+    )
     args = parser.parse_args()
     if args.tiny:
         args.images, args.steps, args.rounds = 40, 1, 1
-    stages = {
-        "dense pre-training (images/s)": "dense",
-        "pre-training (tokens/s)": "pretrain",
-        "SFT (tokens/s)": "sft",
-    }
+    stages = {stage: recipe for stage, recipe in STAGES.items() if recipe in args.stages}
     results = {stage: {setting: [] for setting in SETTINGS} for stage in stages}
     with tempfile.TemporaryDirectory(prefix="mm1-demo-bench-") as folder:
         work = Path(folder)
@@ -90,9 +95,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for stage, runs in results.items():
         one, two = (statistics.median(runs[setting]) for setting in SETTINGS)
-        print(f"| {stage} | {one:.0f} | {two:.0f} | {two / one:.2f}x |")
-    print(f"\ncommand: python benchmarks/demo_training.py --steps {args.steps} --rounds "
-          f"{args.rounds}{' --tiny' if args.tiny else ''}")  # fmt: skip
+        print(f"| {stage} | {one:.3g} | {two:.3g} | {two / one:.2f}x |")
+    command = f"python benchmarks/demo_training.py --steps {args.steps} --rounds {args.rounds}"
+    if args.stages != list(STAGES.values()):
+        command += f" --stages {' '.join(args.stages)}"
+    print(f"\ncommand: {command}{' --tiny' if args.tiny else ''}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -57,14 +57,19 @@ def measure_torch(config: dict, batch: int, seq_len: int, steps: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     ids = torch.randint(0, config["vocab_size"], (batch, seq_len + 1))
 
+    def forward_backward():
+        model.zero_grad()
+        model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss.backward()
+
     def step():
-        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
-        loss.backward()
+        forward_backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
 
-    return time_steps(step, steps, batch * seq_len)
+    result = time_steps(step, steps, batch * seq_len)
+    result["forward_backward_s"] = seconds_per_call(forward_backward, steps)
+    return result
 
 
 def measure_mlx(config: dict, batch: int, seq_len: int, steps: int) -> dict:
@@ -72,12 +77,13 @@ def measure_mlx(config: dict, batch: int, seq_len: int, steps: int) -> dict:
 
     # isort: split
     import mlx.core as mx
+    import mlx.nn as nn
     import numpy as np
 
     from mm1_mlx.train.data import Batch
     from mm1_mlx.train.optim import make_optimizer, make_schedule
     from mm1_mlx.train.ranks import init_group
-    from mm1_mlx.train.trainer import make_train_step
+    from mm1_mlx.train.trainer import loss_sums, make_train_step
 
     group = init_group()  # with --ranks: this rank's rows of the same global batch
     model = tiny_mm1(dict(config, model_type="llama"))
@@ -92,6 +98,10 @@ def measure_mlx(config: dict, batch: int, seq_len: int, steps: int) -> dict:
     lengths = np.full(rows, seq_len, np.int32)
     data = Batch(ids[:, :-1], ids[:, 1:], np.ones((rows, seq_len), np.float32), None, lengths)
     result = time_steps(lambda: step_fn([data]), steps, batch * seq_len)
+    # The same rows' forward and backward alone: what a step costs without the gradient
+    # exchange and the optimizer update (the most 2 ranks can gain over 1 process).
+    loss_and_grad = nn.value_and_grad(model, lambda model: loss_sums(model, data, 0.0)[0])
+    result["forward_backward_s"] = seconds_per_call(lambda: mx.eval(loss_and_grad(model)), steps)
     # The ranks' memory together, as one process's is compared with it.
     result["peak_rss_gb"] = mx.distributed.all_sum(result["peak_rss_gb"], group=group).item()
     return result
@@ -127,17 +137,54 @@ def tiny_mm1(text_config: dict, vision: dict | None = None, connector: dict | No
 def time_steps(step, steps: int, tokens_per_step: int) -> dict:
     import resource
 
-    step()  # warm-up (allocations, kernels)
-    began = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - began) / steps
+    seconds = seconds_per_call(step, steps)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "step_s": seconds,
         "tokens_per_s": tokens_per_step / seconds,
         "peak_rss_gb": peak_rss / 1e9,
     }
+
+
+def seconds_per_call(call, calls: int) -> float:
+    call()  # warm-up (allocations, kernels)
+    began = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - began) / calls
+
+
+def elementwise_ops(size: str, batch: int, seq_len: int) -> dict:
+    """Milliseconds of the decoder's transcendental ops, one layer's forward, in MLX and in
+    PyTorch (each with its default threads): the attention softmax and the MLP's SiLU."""
+    import mm1_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+
+    # isort: split
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    import torch
+
+    config = DECODERS[size]
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((batch, config["num_attention_heads"], seq_len, seq_len))
+    hidden = rng.standard_normal((batch, seq_len, config["intermediate_size"]))
+    ops = {
+        "softmax": (scores, lambda x: mx.softmax(x, axis=-1), lambda x: torch.softmax(x, -1)),
+        "SiLU": (hidden, nn.silu, torch.nn.functional.silu),
+    }
+    results = {}
+    for name, (values, mlx_op, torch_op) in ops.items():
+        values = values.astype(np.float32)
+        mlx_values, torch_values = mx.array(values), torch.from_numpy(values)
+        mlx_s = seconds_per_call(lambda op=mlx_op, x=mlx_values: mx.eval(op(x)), 5)
+        torch_s = seconds_per_call(lambda op=torch_op, x=torch_values: op(x), 5)
+        results[name] = {
+            "shape": list(values.shape),
+            "mlx_ms": mlx_s * 1e3,
+            "torch_ms": torch_s * 1e3,
+        }
+    return results
 
 
 def split_mm1_step(size: str) -> dict:
@@ -230,6 +277,7 @@ def main() -> None:
         for name, results in rounds.items()
     }
     split = split_mm1_step(size)
+    ops = elementwise_ops(size, batch, seq_len)
     shape = f"Llama {config['num_hidden_layers']} layers x {config['hidden_size']}, vocab "
     shape += f"{config['vocab_size']}; batch {batch} x {seq_len} tokens; AdamW; fp32 CPU; "
     shape += f"medians of {args.rounds} rounds"
@@ -237,19 +285,26 @@ def main() -> None:
     print("| | " + " | ".join(SIDES.values()) + " |")
     print("|---|" + "---|" * len(SIDES))
     rows = [("tokens/s", "tokens_per_s", ".0f", ""), ("step time", "step_s", ".2f", " s")]
+    rows.append(("forward + backward alone", "forward_backward_s", ".2f", " s"))
     rows.append(("peak RSS (all processes)", "peak_rss_gb", ".2f", " GB"))
     for label, key, fmt, unit in rows:
         print(f"| {label} | " + " | ".join(f"{summary[s][key]:{fmt}}{unit}" for s in SIDES) + " |")
     baseline = summary["mlx"]["tokens_per_s"]
     print("| tokens/s / mm1-mlx 1 process | " + " | ".join(
         f"{summary[s]['tokens_per_s'] / baseline:.2f}x" for s in SIDES) + " |")  # fmt: skip
+    print("\nOne decoder layer's transcendental ops, forward (ms, default threads):")
+    print("| op | shape | MLX | PyTorch | MLX / PyTorch |\n|---|---|---|---|---|")
+    for name, op in ops.items():
+        shape = "x".join(map(str, op["shape"]))
+        print(f"| {name} | {shape} | {op['mlx_ms']:.1f} | {op['torch_ms']:.1f} | "
+              f"{op['mlx_ms'] / op['torch_ms']:.1f}x |")  # fmt: skip
     print(f"\nMM1 step split ({split['shape']}):")
     for part in ("vision", "connector", "decoder"):
         print(f"  {part:9s} {split[part]['s']:.3f} s ({split[part]['share']:.0%})")
     print(f"\ncommand: python benchmarks/training.py{'' if size == 'full' else ' --' + size}")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"decoder": summary, "mm1_split": split}, file, indent=2)
+            json.dump({"decoder": summary, "elementwise": ops, "mm1_split": split}, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ def test_training(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results["decoder"]) == {"mlx", "mlx-2", "torch"}
     assert all(side["tokens_per_s"] > 0 for side in results["decoder"].values())
+    assert all(0 < side["forward_backward_s"] for side in results["decoder"].values())
+    assert set(results["elementwise"]) == {"softmax", "SiLU"} and "| softmax |" in out
 
 
 @pytest.mark.slow
@@ -104,3 +106,10 @@ def test_demo_training(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert len(results) == 3 and all(set(r) == {"1 process", "2 ranks"} for r in results.values())
     assert "| SFT (tokens/s) |" in out
+
+
+@pytest.mark.slow
+def test_demo_training_of_one_stage(tmp_path):
+    out = run_benchmark("demo_training.py", "--tiny", "--stages", "sft")
+    assert "| SFT (tokens/s) |" in out and "dense" not in out.split("command:")[0]
+    assert "--stages sft" in out
