@@ -66,6 +66,11 @@ def stage_speed(work: Path, stage: str, ranks: int, steps: int) -> float:
     return statistics.median(speeds)
 
 
+def digits(speed: float) -> int:
+    """Decimals worth printing: tokens/s in the thousands need none, images/s one."""
+    return 0 if speed >= 100 else 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=600, help="synthetic images per seed")
@@ -95,7 +100,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for stage, runs in results.items():
         one, two = (statistics.median(runs[setting]) for setting in SETTINGS)
-        print(f"| {stage} | {one:.3g} | {two:.3g} | {two / one:.2f}x |")
+        print(f"| {stage} | {one:.{digits(one)}f} | {two:.{digits(two)}f} | {two / one:.2f}x |")
     command = f"python benchmarks/demo_training.py --steps {args.steps} --rounds {args.rounds}"
     if args.stages != list(STAGES.values()):
         command += f" --stages {' '.join(args.stages)}"
