@@ -398,7 +398,8 @@ class Processor:
 
         Content is a string (with `<image>` markers) or a list of parts: {"type": "text",
         "text": ...}, {"type": "image"} (the next of `images`) or {"type": "image", "image":
-        ImageInput}. Parts are joined as they are, an image part becoming `<image>`."""
+        ImageInput}. Parts are joined as they are, an image part becoming `<image>` and a line
+        break when text follows it (for templates that take a string)."""
         conversation, ordered_images = self.flatten_messages(messages, images)
         text = self.render(conversation, add_generation_prompt)
         return self._prompt_inputs(text, ordered_images, split, n_min, n_max)
@@ -454,7 +455,13 @@ class Processor:
         """Parts as the chat template takes them: a string with `<image>` markers, or parts
         with the markers in text made image parts."""
         if not self.takes_parts:
-            return "".join(p["text"] if p["type"] == "text" else self.image_token for p in parts)
+            # An image part ends its line when text follows, as in chat data ("<image>\nWhat
+            # ...?") and as images given without markers are placed: the same question asked
+            # as parts (the app's API) and as text (the CLI) then reaches the model the same.
+            pieces = [p["text"] if p["type"] == "text" else self.image_token + "\n" for p in parts]
+            if parts and parts[-1]["type"] == "image":
+                pieces[-1] = self.image_token
+            return "".join(pieces)
         return [piece for part in parts for piece in self._split_at_markers(part)]
 
     def _split_at_markers(self, part: dict[str, str]) -> list[dict[str, str]]:

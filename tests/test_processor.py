@@ -355,8 +355,8 @@ def test_chat_with_images_in_several_turns_and_few_shot(processor):
     inputs = processor.apply_chat_template(messages, [solid(RED), solid(GREEN), noise()])
     text = processor.decode(inputs.input_ids).replace("<image>" * TOKENS, "<image>")
     assert text == (
-        "<|system|>answer briefly</s><|user|><image>what color?</s><|assistant|>red</s>"
-        "<|user|>and<image>or <image>?</s><|assistant|>blue and green</s>"
+        "<|system|>answer briefly</s><|user|><image>\nwhat color?</s><|assistant|>red</s>"
+        "<|user|>and<image>\nor <image>?</s><|assistant|>blue and green</s>"
         "<|user|><image> what color?</s><|assistant|>"
     )
     colors = [normalized(c) for c in (RED, BLUE, GREEN)]
