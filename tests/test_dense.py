@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from helpers import init_model_folder, run_cli
 from mlx.utils import tree_flatten
+from PIL import Image
 
+from mm1_mlx.config import PreprocessConfig
 from mm1_mlx.errors import UserError
 from mm1_mlx.loading import DEMO_MODEL, load
-from mm1_mlx.processor import WHOLE_IMAGE
+from mm1_mlx.processor import WHOLE_IMAGE, resize_image
 from mm1_mlx.train import synth
 from mm1_mlx.train.dense import (
     CLASSES,
@@ -28,19 +30,42 @@ from mm1_mlx.train.trainer import train
 
 
 def test_cell_centres_of_a_whole_image_and_of_a_split_screen():
-    whole = cell_centres((128, 128), WHOLE_IMAGE, 128, 8, "squash")
+    squash = PreprocessConfig(image_size=128, resize_mode="squash")
+    whole = cell_centres((128, 128), WHOLE_IMAGE, squash, 8)
     assert whole.shape == (1, 64, 2)
     assert whole[0, 0].tolist() == [8, 8] and whole[0, 1].tolist() == [24, 8]
     assert whole[0, 8].tolist() == [8, 24]
     # A 160x320 screen on a 1-column, 2-row grid: a 128x256 canvas, scale 0.8, no padding.
-    split = cell_centres((160, 320), (2, 1), 128, 8, "squash")
+    split = cell_centres((160, 320), (2, 1), squash, 8)
     assert split.shape == (3, 64, 2)
     assert split[0, 0].tolist() == [10, 10]
     assert split[1, 0].tolist() == [10, 170]  # the second tile starts 128 canvas px lower
     assert split[2, 0].tolist() == [10, 20]  # the overview squashes 160x320 to 128x128
     # Padding ("pad" mode, or a canvas wider than the image) maps outside the image.
-    padded = cell_centres((64, 128), WHOLE_IMAGE, 128, 8, "pad")
-    assert padded[0, 0, 0] < 0
+    pad = PreprocessConfig(image_size=128, resize_mode="pad")
+    assert cell_centres((64, 128), WHOLE_IMAGE, pad, 8)[0, 0, 0] < 0
+
+
+def test_cell_centres_follow_the_processor_in_every_resize_mode():
+    """Each token's cell centre, marked on the picture, lands on its cell of the encoder's input
+    as the processor makes it (squash, pad, and CLIP's crop with an odd margin)."""
+    size, black = (96, 181), (0.0, 0.0, 0.0)  # padding black too
+    for config in (
+        PreprocessConfig(image_size=32, resize_mode="squash"),
+        PreprocessConfig(image_size=32, resize_mode="pad", mean=black),
+        PreprocessConfig(image_size=32, resize_mode="crop", shortest_edge=40),
+    ):
+        centres = cell_centres(size, WHOLE_IMAGE, config, 4)[0]
+        for index in (0, 5, 15):
+            x, y = centres[index]
+            if not (0 <= x < size[0] and 0 <= y < size[1]):
+                continue  # padding
+            picture = Image.new("L", size)
+            picture.paste(255, (int(x) - 3, int(y) - 3, int(x) + 4, int(y) + 4))
+            seen = np.asarray(resize_image(picture.convert("RGB"), config))[..., 0]
+            row, column = divmod(index, 4)
+            cell = seen[row * 8 : row * 8 + 8, column * 8 : column * 8 + 8]
+            assert cell.max() == seen.max() > 0, (config.resize_mode, index)
 
 
 def test_cell_targets_name_the_thing_and_its_box():

@@ -25,6 +25,7 @@ import numpy as np
 
 from mm1_mlx import splitting
 from mm1_mlx.boxes import COORDINATE_MAX
+from mm1_mlx.config import PreprocessConfig
 from mm1_mlx.errors import UserError
 from mm1_mlx.jsonl import parse_object
 from mm1_mlx.loading import load, resolve_path
@@ -58,17 +59,15 @@ def fitted_to_image(points: np.ndarray, size: tuple[int, int], canvas: tuple[int
 
 
 def cell_centres(
-    size: tuple[int, int], grid: splitting.Grid, tile: int, side: int, resize_mode: str
+    size: tuple[int, int], grid: splitting.Grid, config: PreprocessConfig, side: int
 ) -> np.ndarray:
     """[tiles, side * side, 2]: the image pixel (x, y) under the centre of each token's cell,
     tiles in the processor's order (the grid's row-major, then the overview), tokens row-major."""
+    tile = config.image_size
     offsets = (np.arange(side) + 0.5) * tile / side
     ys, xs = np.meshgrid(offsets, offsets, indexing="ij")
     cells = np.stack([xs.ravel(), ys.ravel()], axis=-1)
-    if resize_mode == "squash":
-        whole = cells * np.array(size) / tile
-    else:
-        whole = fitted_to_image(cells, size, (tile, tile))
+    whole = resized_to_image(cells, size, config)
     if grid == WHOLE_IMAGE:
         return whole[None]
     canvas = splitting.canvas_size(grid, tile)
@@ -77,6 +76,23 @@ def cell_centres(
         for box in splitting.tile_boxes(grid, tile)
     ]
     return np.stack([*tiles, whole])
+
+
+def resized_to_image(points: np.ndarray, size: tuple[int, int], config: PreprocessConfig):
+    """Pixels of the whole image's encoder input -> image pixels, for each of
+    `processor.resize_image`'s modes."""
+    tile = config.image_size
+    if config.resize_mode == "squash":
+        return points * np.array(size) / tile
+    if config.resize_mode == "pad":
+        return fitted_to_image(points, size, (tile, tile))
+    # "crop": resized to the shortest edge, then the centre square (as resize_shortest_edge
+    # and centre_square round)
+    width, height = size
+    longer = int(config.shortest_edge * max(size) / min(size))
+    resized = (config.shortest_edge, longer) if width <= height else (longer, config.shortest_edge)
+    corner = ((resized[0] - tile) // 2, (resized[1] - tile) // 2)
+    return (points + corner) * np.array(size) / resized
 
 
 def cell_targets(scene: synth.Scene, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +164,7 @@ class TileBatcher:
         (grid,) = self.processor.image_grids([size])
 
         def centres(side: int) -> np.ndarray:
-            return cell_centres(size, grid, config.image_size, side, config.resize_mode)
+            return cell_centres(size, grid, config, side)
 
         classes, boxes = cell_targets(item.scene, centres(self.side))
         # A patch is on text if any of a 4x4 grid of points in it is: a label's glyphs are
