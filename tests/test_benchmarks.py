@@ -88,7 +88,8 @@ def test_demo_eval(tmp_path):
     out = run_benchmark("demo_eval.py", "--n", "2", "--json", str(tmp_path / "r.json"))
     results = json.loads((tmp_path / "r.json").read_text())
     assert list(results) == list(TASKS)
-    assert all(results[task][style]["n"] == 1 for task in TASKS for style in STYLES)
+    styles = (*STYLES, "independent")
+    assert all(results[task][style]["n"] == 1 for task in TASKS for style in styles)
     assert all(f"| {task} |" in out for task in TASKS)
 
 
@@ -113,3 +114,36 @@ def test_demo_training_of_one_stage(tmp_path):
     out = run_benchmark("demo_training.py", "--tiny", "--stages", "sft")
     assert "| SFT (tokens/s) |" in out and "dense" not in out.split("command:")[0]
     assert "--stages sft" in out
+
+
+def test_the_independent_renderer_keeps_to_the_specification(tmp_path):
+    """Its pictures are the generator's scenes in the page's colours and places, drawn with
+    other pixels (that is its purpose): they mostly agree with the generator's, not exactly."""
+    import random
+
+    import numpy as np
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import spec_renderer
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from mm1_mlx.train import synth
+
+    assert spec_renderer.COLOURS == synth.COLORS  # read from docs/synthetic-world.md
+    rng, differing = random.Random(0), []
+    for _ in range(20):
+        for scene in (synth.sample_shape_scene(rng), synth.sample_screen_scene(rng)):
+            ours = np.asarray(spec_renderer.render(scene))
+            theirs = np.asarray(synth.render(scene, "plain"))
+            assert ours.shape == theirs.shape
+            differing.append((ours != theirs).any(-1).mean())
+            things = scene.shapes if isinstance(scene, synth.ShapeScene) else scene.buttons
+            for thing in things:  # a thing's colour fills its box's centre (a label may not)
+                x1, y1, x2, y2 = thing.box
+                colour = synth.COLORS[thing.color] if hasattr(thing, "color") else None
+                colour = colour or synth.BUTTON_STYLES[thing.style][0]
+                assert tuple(ours[y1 + 2, (x1 + x2) // 2]) == colour
+    assert 0 < np.mean(differing) < 0.05 and max(differing) < 0.1
+    out = run_benchmark("spec_renderer.py", str(tmp_path), "--n", "1")
+    assert "wrote 4 pictures" in out and len(list(tmp_path.glob("*.png"))) == 4
