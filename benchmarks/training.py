@@ -9,7 +9,9 @@ round by round, and the medians are compared. All train the same Llama configura
 on the same global batch of random tokens: mm1-mlx with its own training step
 (mm1_mlx.train.trainer.make_train_step) in one process with its default threads, and as 2 ranks
 started by its `--ranks` launcher (each rank half the rows, one BLAS thread each on a 2-core
-machine); PyTorch with its default threads.
+machine); PyTorch with its default threads. Each side also times the forward and backward pass
+alone (no gradient exchange, no optimizer update), and one decoder layer's softmax and SiLU are
+timed in MLX and in PyTorch: where the time goes when mm1-mlx is slower.
 """
 
 import argparse
