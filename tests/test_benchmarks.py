@@ -28,7 +28,8 @@ def run_benchmark(name: str, *args: str) -> str:
 
 def test_every_benchmark_has_a_smoke_test():
     tested = ["conv_pooling", "demo_eval", "demo_training", "encoder_probe", "grounding_probe",
-              "grounding_trace", "inference", "openblas_matmul", "training"]  # fmt: skip
+              "grounding_trace", "inference", "openblas_matmul", "spec_renderer",
+              "training"]  # fmt: skip
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
 
 
