@@ -225,18 +225,22 @@ def resize_image(image: Image.Image, config: PreprocessConfig) -> Image.Image:
 
 
 def resize_shortest_edge(image: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """`image` resized so that its shortest edge is config.shortest_edge, the longer one
-    rounded down as transformers' CLIPImageProcessor does."""
+    """`image` resized so that its shortest edge is config.shortest_edge."""
+    return image.resize(shortest_edge_size(image.size, config), _resample_filter(config))
+
+
+def shortest_edge_size(size: tuple[int, int], config: PreprocessConfig) -> tuple[int, int]:
+    """(width, height) of a picture of `size` resized to config.shortest_edge on its shortest
+    edge, the longer one rounded down as transformers' CLIPImageProcessor does."""
     edge = config.shortest_edge
     if not isinstance(edge, int) or edge < config.image_size:
         raise UserError(
             f"resize_mode 'crop' needs a shortest_edge of at least image_size "
             f"{config.image_size} in config.json, not {edge!r}"
         )
-    width, height = image.size
+    width, height = size
     longer = int(edge * max(width, height) / min(width, height))
-    size = (edge, longer) if width <= height else (longer, edge)
-    return image.resize(size, _resample_filter(config))
+    return (edge, longer) if width <= height else (longer, edge)
 
 
 def centre_square(image: Image.Image, size: int) -> Image.Image:

@@ -30,7 +30,7 @@ from mm1_mlx.errors import UserError
 from mm1_mlx.jsonl import parse_object
 from mm1_mlx.loading import load, resolve_path
 from mm1_mlx.model import MM1Model
-from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image
+from mm1_mlx.processor import WHOLE_IMAGE, Processor, load_image, shortest_edge_size
 from mm1_mlx.train import synth
 from mm1_mlx.train.optim import compiled_update, freeze_modules
 from mm1_mlx.train.ranks import sum_over_ranks
@@ -86,11 +86,8 @@ def resized_to_image(points: np.ndarray, size: tuple[int, int], config: Preproce
         return points * np.array(size) / tile
     if config.resize_mode == "pad":
         return fitted_to_image(points, size, (tile, tile))
-    # "crop": resized to the shortest edge, then the centre square (as resize_shortest_edge
-    # and centre_square round)
-    width, height = size
-    longer = int(config.shortest_edge * max(size) / min(size))
-    resized = (config.shortest_edge, longer) if width <= height else (longer, config.shortest_edge)
+    # "crop": resized to the shortest edge, then the centre square (as centre_square rounds)
+    resized = shortest_edge_size(size, config)
     corner = ((resized[0] - tile) // 2, (resized[1] - tile) // 2)
     return (points + corner) * np.array(size) / resized
 
