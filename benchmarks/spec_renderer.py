@@ -12,7 +12,7 @@ questions are the generator's (`synth.eval_example`): only the drawing is indepe
 """
 
 import argparse
-import json
+import functools
 import random
 import re
 from pathlib import Path
@@ -77,9 +77,14 @@ def fill_box(pixels: np.ndarray, box: tuple[int, ...], colour: tuple[int, int, i
     pixels[y1:y2, x1:x2] = colour
 
 
+@functools.cache
+def page_font() -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=FONT_SIZE)
+
+
 def draw_centred(image: Image.Image, text: str, box: tuple[int, ...], ink) -> None:
     """`text` in the page's font with its glyphs' bounding box centred in `box`."""
-    font = ImageFont.load_default(size=FONT_SIZE)
+    font = page_font()
     left, top, right, bottom = font.getbbox(text)
     x = (box[0] + box[2]) / 2 - (left + right) / 2
     y = (box[1] + box[3]) / 2 - (top + bottom) / 2
@@ -99,8 +104,7 @@ def write_eval(folder: Path, n_per_task: int, seed: int) -> None:
                 render(scene).save(folder / name)
             turn = synth.user_turn(qa.question, len(scenes))
             records.append({"task": task, "images": names, "messages": [turn], "answer": qa.answer})
-        lines = "".join(json.dumps(record) + "\n" for record in records)
-        (folder / f"{task}.jsonl").write_text(lines)
+        synth.write_jsonl(folder / f"{task}.jsonl", records)
 
 
 def main() -> None:

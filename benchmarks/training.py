@@ -66,8 +66,7 @@ def measure_torch(config: dict, batch: int, seq_len: int, steps: int) -> dict:
     def step():
         forward_backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        optimizer.step()  # forward_backward() clears the gradients first
 
     result = time_steps(step, steps, batch * seq_len)
     result["forward_backward_s"] = seconds_per_call(forward_backward, steps)
