@@ -22,25 +22,28 @@ from mm1_mlx.train.synth import TASKS, write_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 # Per question type, what the shipped model must keep reaching on a fresh held-out sample of
-# 25: its 200-per-type accuracy (README.md; benchmarks/demo_eval.py) less ~2.5 standard
-# errors of a 25-example sample (title: 100% measured, 90% asked), where that is above chance.
-# The other types are below their targets (README.md: 90% per type, 80% on grounding).
+# 25: its 200-per-type accuracy (README.md; benchmarks/demo_eval.py) less 3 standard errors of
+# a 25-example sample, rounded down to 0.05 and at least 0.05 (title and compare: 100% and
+# 99.5% measured, 90% asked). Most types are below their targets (README.md: 90% per type,
+# 80% on grounding).
 FLOORS = {
     "title": 0.9,
     "compare": 0.9,
-    "count_buttons": 0.75,
+    "count_buttons": 0.85,
     "count_objects": 0.6,
-    "color": 0.3,
-    "count_kind": 0.25,
-    "list_buttons": 0.2,
-    "refer_button": 0.2,
-    "refer_shape": 0.1,
+    "color": 0.4,
+    "ground_shape": 0.4,
+    "count_kind": 0.35,
+    "list_buttons": 0.25,
+    "refer_shape": 0.2,
+    "refer_button": 0.15,
+    "describe": 0.05,
     "ground_button": 0.05,
 }
 # Where the model is not yet right, it must still answer in the truth's form (one box for a
 # box; a list of as many known labels or phrases as the truth has): measured on this sample,
-# describe 84%, list_buttons 88%, ground_button 92%, the other types 100%.
-FORM_FLOORS = {"describe": 0.6, "list_buttons": 0.7, "ground_button": 0.75}
+# describe 80%, list_buttons 96%, ground_button 96%, the other types 100%.
+FORM_FLOORS = {"describe": 0.6, "list_buttons": 0.8, "ground_button": 0.8}
 FORM_FLOOR = 0.9
 WORDS = {
     *synth.TITLES,
@@ -88,11 +91,11 @@ def test_the_demo_model_is_package_data_of_a_few_tens_of_mb():
 
 
 def test_chat_without_a_model_counts_the_buttons_offline(offline):
-    """A count, answered offline (the demo model counts 4 of this screen's 3 buttons: README)."""
+    """A count, answered offline and right (README's Quick start)."""
     code, answer, err = run_cli(
         "chat", "--image", str(ROOT / "examples/screen.png"), "How many buttons are there?"
     )
-    assert code == 0 and answer.strip() in {str(n) for n in range(9)}, (answer, err)
+    assert (code, answer.strip()) == (0, "3"), err
 
 
 def test_chat_without_a_model_reads_the_title_offline(offline):
