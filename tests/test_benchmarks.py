@@ -142,8 +142,10 @@ def test_the_independent_renderer_keeps_to_the_specification(tmp_path):
             things = scene.shapes if isinstance(scene, synth.ShapeScene) else scene.buttons
             for thing in things:  # a thing's colour fills its box's centre (a label may not)
                 x1, y1, x2, y2 = thing.box
-                colour = synth.COLORS[thing.color] if hasattr(thing, "color") else None
-                colour = colour or synth.BUTTON_STYLES[thing.style][0]
+                if isinstance(thing, synth.Shape):
+                    colour = synth.COLORS[thing.color]
+                else:
+                    colour = synth.BUTTON_STYLES[thing.style][0]
                 assert tuple(ours[y1 + 2, (x1 + x2) // 2]) == colour
     assert 0 < np.mean(differing) < 0.05 and max(differing) < 0.1
     out = run_benchmark("spec_renderer.py", str(tmp_path), "--n", "1")
