@@ -91,7 +91,7 @@ def test_soft_loss_is_the_cross_entropy_with_the_soft_targets():
     )
     logits = np.random.default_rng(1).normal(size=(*batch.targets.shape, len(TEXTS)))
 
-    def model(input_ids, pixels):
+    def model(input_ids, pixels, cache=None):
         return mx.array(logits.astype(np.float32))
 
     training, cross_entropy = loss_sums(model, batch, 0.0, smoothing)

@@ -180,6 +180,26 @@ def test_shuffled_image_tokens_change_only_where_the_tokens_sit(tiny_model, tmp_
     assert shuffled[0].item() != plain[0].item()
 
 
+def test_packed_examples_are_trained_as_if_each_were_alone(tiny_model, tmp_path):
+    model, processor = tiny_model
+    make_dataset(tmp_path / "data")
+    source = SourceConfig(str(tmp_path / "data" / "captions.jsonl"), "caption")
+
+    def cross_entropy(batch_size: int, **settings) -> float:
+        loader = DataLoader([source], processor, seq_len=96, batch_size=batch_size, **settings)
+        return trainer.loss_sums(model, loader.next_batch(), 0.0)[1].item()
+
+    packed = DataLoader([source], processor, seq_len=96, batch_size=2).next_batch()
+    examples = sum(
+        len(set(ids[:n])) for ids, n in zip(packed.example_ids, packed.lengths, strict=True)
+    )
+    assert examples > 2  # the two rows hold several captions each
+    one_each = cross_entropy(examples, max_images_per_sequence=1)
+    error = abs(cross_entropy(2) - one_each)
+    assert error < 1e-5 * one_each, error
+    assert abs(cross_entropy(2, attend_across_examples=True) - one_each) > 100 * error
+
+
 def test_a_recipe_that_trains_nothing_is_refused(workdir):
     frozen = [f"modules.{name}.trainable=false" for name in ("vision", "connector", "decoder")]
     recipe = load_recipe(workdir / "tiny-pretrain.toml", frozen, out=workdir / "o")

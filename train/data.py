@@ -56,6 +56,9 @@ class Batch:
     weights: np.ndarray  # float32 [rows, seq_len]: loss weight of each target, 0 for none
     pixels: np.ndarray | None  # float32 [tiles, S, S, 3], in the order of the image tokens
     lengths: np.ndarray  # int32 [rows]: the positions of each row before its padding
+    # int32 [rows, seq_len]: which of its row's packed examples each position belongs to
+    # (padding: one past the last), or None where examples may attend to each other.
+    example_ids: np.ndarray | None = None
 
     @property
     def token_mask(self) -> np.ndarray:
@@ -256,6 +259,7 @@ class DataLoader:
         strict: bool = False,
         loss_weighting: str = "token",
         split_images: bool | None = None,
+        attend_across_examples: bool = False,
     ):
         check_settings(sources, seq_len, batch_size, rank, world_size, loss_weighting)
         self.sources = sources
@@ -267,6 +271,7 @@ class DataLoader:
         self.strict = strict
         self.loss_weighting = loss_weighting
         self.split_images = split_images
+        self.attend_across_examples = attend_across_examples
         weights = np.array([source.weight for source in sources], np.float64)
         self.probabilities = weights / weights.sum()
         self.rng = np.random.default_rng(seed)
@@ -286,6 +291,7 @@ class DataLoader:
         mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
         tiles = [tile for row in mine for tile in self.row_tiles(row)]  # zeroes corrupt examples
         lengths = np.array([min(len(row.tokens), self.seq_len) for row in mine], np.int32)
+        example_ids = None if self.attend_across_examples else self.example_ids(mine)
         for row in mine:  # pad to seq_len + 1
             padding = self.seq_len + 1 - len(row.tokens)
             row.tokens += [self.pad_id] * padding
@@ -297,7 +303,16 @@ class DataLoader:
             weights=np.array([row.weights[1:] for row in mine], np.float32),
             pixels=np.stack(tiles) if tiles else None,
             lengths=lengths,
+            example_ids=example_ids,
         )
+
+    def example_ids(self, rows: list[Row]) -> np.ndarray:
+        ids = np.empty((len(rows), self.seq_len), np.int32)
+        for index, row in enumerate(rows):
+            starts = [start for start, _ in row.examples]
+            ids[index] = np.searchsorted(starts, np.arange(self.seq_len), side="right") - 1
+            ids[index, len(row.tokens) :] = len(starts)
+        return ids
 
     def read_through(self) -> bool:
         """Whether a source has reached the end of its data and started it again."""

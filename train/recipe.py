@@ -62,6 +62,9 @@ class DataSettings:
     loss_weighting: str = "token"  # "token", "example" or "turn"
     split_images: bool | None = None  # None: as the model's config says
     strict: bool = False
+    # Packed examples attend only to themselves, as each does alone at inference; True lets
+    # a token see every earlier token of its row (the examples packed before it included).
+    attend_across_examples: bool = False
 
 
 @dataclass
@@ -203,6 +206,7 @@ RULES: dict[tuple[type, str], Rule] = {
     (DataSettings, "loss_weighting"): choice(LOSS_WEIGHTINGS),
     (DataSettings, "split_images"): FLAG,
     (DataSettings, "strict"): FLAG,
+    (DataSettings, "attend_across_examples"): FLAG,
     (SourceConfig, "path"): DATA_PATH,
     (SourceConfig, "format"): choice(tuple(RENDERERS)),
     (SourceConfig, "weight"): POSITIVE,

@@ -130,6 +130,28 @@ def image_token_orders(batch: Batch, chance: float, seed: int, tokens: int) -> n
     return orders
 
 
+class ExampleMask:
+    """Stands in for a decoder layer's KV cache to give mlx-lm's decoder, which asks its cache
+    for the attention mask, one in which each position sees only the earlier positions of its
+    own packed example. It caches nothing (the whole row is one forward pass)."""
+
+    offset = 0  # rotary positions count from the row's start: only their differences matter
+
+    def __init__(self, example_ids: np.ndarray):
+        self.example_ids = mx.array(example_ids)
+
+    def make_mask(self, length: int, return_array: bool = False, window_size: int | None = None):
+        ids = self.example_ids[:, :length]
+        positions = mx.arange(length)
+        seen = positions[:, None] >= positions[None, :]
+        if window_size is not None:
+            seen = seen & (positions[:, None] - positions[None, :] < window_size)
+        return (seen & (ids[:, :, None] == ids[:, None, :]))[:, None]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+
 def loss_sums(
     model: MM1Model,
     batch: Batch,
@@ -142,12 +164,15 @@ def loss_sums(
     (what is logged) stays exact. `token_orders`: see `image_token_orders`."""
     input_ids = mx.array(batch.input_ids)
     pixels = None if batch.pixels is None else mx.array(batch.pixels)
+    cache = None
+    if batch.example_ids is not None:
+        cache = [ExampleMask(batch.example_ids)] * len(model.decoder.layers)
     if token_orders is None:
-        logits = model(input_ids, pixels)
+        logits = model(input_ids, pixels, cache=cache)
     else:
         order = mx.array(token_orders)[..., None]
         features = mx.take_along_axis(model.encode_images(pixels), order, axis=1)
-        logits = model(input_ids, image_features=features)
+        logits = model(input_ids, cache=cache, image_features=features)
     logits = logits.astype(mx.float32)
     log_normaliser = mx.logsumexp(logits, axis=-1)
     targets = mx.array(batch.targets)[..., None]
@@ -656,6 +681,7 @@ def make_loader(recipe: Recipe, processor, sources, group) -> DataLoader:
         strict=data.strict,
         loss_weighting=data.loss_weighting,
         split_images=data.split_images,
+        attend_across_examples=data.attend_across_examples,
     )
 
 
