@@ -199,6 +199,15 @@ def test_packed_examples_are_trained_as_if_each_were_alone(tiny_model, tmp_path)
     assert error < 1e-5 * one_each, error
     assert abs(cross_entropy(2, attend_across_examples=True) - one_each) > 100 * error
 
+    class OwnMask:  # a decoder that makes its own attention mask, whatever its cache says
+        decoder = model.decoder
+
+        def __call__(self, input_ids, pixels=None, cache=None, image_features=None):
+            return model(input_ids, pixels)
+
+    with pytest.raises(UserError, match="attend_across_examples = true"):
+        trainer.loss_sums(OwnMask(), packed, 0.0)
+
 
 def test_a_recipe_that_trains_nothing_is_refused(workdir):
     frozen = [f"modules.{name}.trainable=false" for name in ("vision", "connector", "decoder")]

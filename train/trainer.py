@@ -139,8 +139,11 @@ class ExampleMask:
 
     def __init__(self, example_ids: np.ndarray):
         self.example_ids = mx.array(example_ids)
+        self.asked = False
 
     def make_mask(self, length: int, return_array: bool = False, window_size: int | None = None):
+        """mlx-lm's cache interface; the mask is always an array."""
+        self.asked = True
         ids = self.example_ids[:, :length]
         positions = mx.arange(length)
         seen = positions[:, None] >= positions[None, :]
@@ -173,6 +176,11 @@ def loss_sums(
         order = mx.array(token_orders)[..., None]
         features = mx.take_along_axis(model.encode_images(pixels), order, axis=1)
         logits = model(input_ids, cache=cache, image_features=features)
+    if cache and not cache[0].asked:
+        raise UserError(
+            "this decoder does not take its attention mask from its cache, so packed examples "
+            "would see each other: set data.attend_across_examples = true"
+        )
     logits = logits.astype(mx.float32)
     log_normaliser = mx.logsumexp(logits, axis=-1)
     targets = mx.array(batch.targets)[..., None]
