@@ -10,7 +10,9 @@ Top to bottom, what `DataLoader.next_batch` does:
    split grids); nothing is decoded yet. Bad examples are counted in `skipped` and passed over
    (or raise a UserError naming file:record with strict=True).
 3. Packing: examples fill rows of seq_len + 1 tokens in draw order (inputs = row[:-1],
-   targets = row[1:]); one that does not fit starts the next row; the tail is padding.
+   targets = row[1:]); one that does not fit starts the next row; the tail is padding. Each
+   position is told which example it belongs to, so that the trainer can let every example
+   attend only to itself (`attend_across_examples` False, the default).
 4. Pixels: every rank lays out the whole global batch (cheap) so all ranks agree on it, but
    decodes only the images of its own rows (the expensive part).
 
@@ -307,6 +309,7 @@ class DataLoader:
         )
 
     def example_ids(self, rows: list[Row]) -> np.ndarray:
+        """int32 [rows, seq_len]: the index of the packed example at each input position."""
         ids = np.empty((len(rows), self.seq_len), np.int32)
         for index, row in enumerate(rows):
             starts = [start for start, _ in row.examples]
