@@ -27,9 +27,9 @@ def run_benchmark(name: str, *args: str) -> str:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = ["conv_pooling", "demo_eval", "demo_training", "encoder_probe", "grounding_probe",
-              "grounding_trace", "inference", "openblas_matmul", "spec_renderer",
-              "training"]  # fmt: skip
+    tested = ["conv_pooling", "demo_eval", "demo_training", "encoder_probe",
+              "grounding_attention", "grounding_probe", "grounding_trace", "inference",
+              "openblas_matmul", "spec_renderer", "training"]  # fmt: skip
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
 
 
@@ -46,6 +46,14 @@ def test_grounding_probe(flags):
     rows = [line for line in out.splitlines() if line.startswith("| ground_")]
     counts = [row.split(" | ")[:2] for row in rows]
     assert counts == [["| ground_shape", "3"], ["| ground_button", "3"]]
+
+
+def test_grounding_attention():
+    out = run_benchmark("grounding_attention.py", "--n", "2")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")][1:]
+    config = json.loads((DEMO_MODEL / "config.json").read_text())["text_config"]
+    assert len(rows) == config["num_hidden_layers"] * config["num_attention_heads"]
+    assert all(0 <= float(share.strip(" |")) <= 1 for row in rows for share in row[2:])
 
 
 def test_grounding_trace():
