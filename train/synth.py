@@ -429,20 +429,16 @@ def compare_question(first: ShapeScene, second: ShapeScene) -> QA:
 # -- text about scenes ----------------------------------------------------------------------
 
 
-def dense_caption(scene: Scene, box_order: random.Random) -> str:
-    """The describe answer (or the screen's title and buttons), then every box, in an order
-    drawn from `box_order`: listed left to right (or top to bottom), each box would follow
-    from the one before it, and writing it would not need the thing found by its name."""
+def dense_caption(scene: Scene) -> str:
+    """The describe answer (or the screen's title and buttons), then every box."""
     if isinstance(scene, ShapeScene):
-        boxes = [f"{shape.phrase} at {where(shape.box, scene)}." for shape in scene.shapes]
-        summary = f"{describe(scene)}."
-    else:
-        buttons = reading_order(scene)
-        labels = ", ".join(button.label for button in buttons)
-        boxes = [f"the {button.label} button at {where(button.box, scene)}." for button in buttons]
-        summary = f"the {scene.title} screen with {counted(len(buttons), 'button')}: {labels}."
-    box_order.shuffle(boxes)
-    return " ".join([summary, *boxes])
+        boxes = [f"{shape.phrase} at {where(shape.box, scene)}." for shape in left_to_right(scene)]
+        return f"{describe(scene)}. {' '.join(boxes)}"
+    buttons = reading_order(scene)
+    labels = ", ".join(button.label for button in buttons)
+    boxes = [f"the {button.label} button at {where(button.box, scene)}." for button in buttons]
+    summary = f"the {scene.title} screen with {counted(len(buttons), 'button')}: {labels}."
+    return f"{summary} {' '.join(boxes)}"
 
 
 def count_phrase(scene: Scene) -> str:
@@ -451,14 +447,14 @@ def count_phrase(scene: Scene) -> str:
     return counted(len(scene.buttons), "button")
 
 
-def facts(scene: Scene, box_order: random.Random) -> str:
+def facts(scene: Scene) -> str:
     """Text-only sentences about a scene: counts, colours and boxes, no image needed."""
     if isinstance(scene, ScreenScene):
-        return f"A screen titled {scene.title}: {dense_caption(scene, box_order)}"
+        return f"A screen titled {scene.title}: {dense_caption(scene)}"
     kinds = join_phrases([counted(kind_count(scene, kind), kind) for kind in KINDS])
     sentences = [f"A picture of {describe(scene)} has {count_phrase(scene)}: {kinds}."]
     sentences += [f"The {shape.kind} is {shape.color}." for shape in lone_shapes(scene)]
-    return " ".join([*sentences, dense_caption(scene, box_order)])
+    return " ".join([*sentences, dense_caption(scene)])
 
 
 def comparison_fact(first: ShapeScene, second: ShapeScene) -> str:
@@ -525,9 +521,7 @@ def partner(
             return name, other
 
 
-def interleaved_records(
-    names: list[str], scenes: list[Scene], rng: random.Random, box_order: random.Random
-) -> list[dict]:
+def interleaved_records(names: list[str], scenes: list[Scene], rng: random.Random) -> list[dict]:
     """Documents of 2-4 consecutive images, each after "Image k:" and before its caption, then
     a sentence with every image's count."""
     records, start = [], 0
@@ -538,7 +532,7 @@ def interleaved_records(
         for k in range(start, end):
             content.append({"text": f"Image {k - start + 1}: "})
             content.append({"image": names[k]})
-            content.append({"text": f" {dense_caption(scenes[k], box_order)}\n"})
+            content.append({"text": f" {dense_caption(scenes[k])}\n"})
             counts.append(f"the {ORDINALS[k - start]} has {count_phrase(scenes[k])}")
         content.append({"text": f"{join_phrases(counts).capitalize()}."})
         records.append({"content": content})
@@ -546,12 +540,12 @@ def interleaved_records(
     return records
 
 
-def text_records(scenes: list[Scene], rng: random.Random, box_order: random.Random) -> list[dict]:
+def text_records(scenes: list[Scene], rng: random.Random) -> list[dict]:
     """A line per scene: its facts, a general fact of the world and, for shape scenes, a
     comparison with the previous shape scene."""
     records, previous = [], None
     for scene in scenes:
-        sentences = [facts(scene, box_order), rng.choice(WORLD_FACTS)]
+        sentences = [facts(scene), rng.choice(WORLD_FACTS)]
         if isinstance(scene, ShapeScene):
             if previous and len(previous.shapes) != len(scene.shapes):
                 sentences.append(comparison_fact(previous, scene))
@@ -720,15 +714,13 @@ def write_dataset(
             names.append(save_image(tmp, f"images/{i:06d}.png", scene, style, rng))
             on_image()
         write_jsonl(tmp / "scenes.jsonl", map(scene_record, names, scenes))
-        # A stream of its own, so that a seed's chats do not depend on how captions are drawn.
-        box_order = random.Random(f"{seed} box order")
         captions = [
-            {"image": name, "text": dense_caption(scene, box_order)}
+            {"image": name, "text": dense_caption(scene)}
             for name, scene in zip(names, scenes, strict=True)
         ]
         write_jsonl(tmp / "captions.jsonl", captions)
-        write_jsonl(tmp / "interleaved.jsonl", interleaved_records(names, scenes, rng, box_order))
-        write_jsonl(tmp / "text.jsonl", text_records(scenes, rng, box_order))
+        write_jsonl(tmp / "interleaved.jsonl", interleaved_records(names, scenes, rng))
+        write_jsonl(tmp / "text.jsonl", text_records(scenes, rng))
         write_jsonl(tmp / "chat.jsonl", chat_records(names, scenes, rng))
         write_jsonl(tmp / "grounding.jsonl", grounding_records(names, scenes, rng))
         write_eval_files(tmp / "eval", eval_per_task, seed, style, on_image)
