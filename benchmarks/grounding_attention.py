@@ -1,14 +1,15 @@
-"""Which decoder heads find the shape that a grounding question names.
+"""Which decoder heads find the thing that a grounding question names.
 
     python benchmarks/grounding_attention.py [--model M] [--n 60] [--seed 5]
 
-Draws `n` fresh shape scenes (plain renderer) of two or more shapes with different names, asks
-"Where is the <colour> <kind>?" about one of them, feeds the question with its true answer and
-records every decoder head's attention weights. Prints, per layer and head, at the question's
-colour word, at its kind word and at the answer's "[" (the position that writes x1), the share
-of the attention on the scene's shapes that falls on the named one (a cell belongs to a shape
-when its centre lies in the shape's box). A head that does not look at the name gives the
-named shape its share of the shapes' cells, printed below the table.
+Draws `n` fresh shape scenes of two or more shapes and `n` fresh screens of two or more
+buttons (plain renderer), asks "Where is the <colour> <kind>?" or "Where is the <label>
+button?" about one thing, feeds the question with its true answer and records every decoder
+head's attention weights. Prints, per layer and head, at the question's two name words and at
+the answer's "[" (the position that writes x1), the share of the attention on the scene's
+things that falls on the named one (an image token belongs to a thing when the centre of its
+cell lies in the thing's box). A head that does not look at the name gives the named thing its
+share of the things' tokens, printed below the table.
 """
 
 import argparse
@@ -25,6 +26,7 @@ import numpy as np
 
 from mm1_mlx.loading import load, model_or_default
 from mm1_mlx.train import synth
+from mm1_mlx.train.dense import cell_centres
 
 
 class AttentionRecorder:
@@ -51,12 +53,11 @@ class AttentionRecorder:
         return weights @ values
 
 
-def cells_in(box: synth.PixelBox, grid: int, size: int) -> np.ndarray:
-    """Which of a grid x grid tile's cells (row-major) have their centre inside `box`."""
-    centres = (np.arange(grid) + 0.5) * size / grid
-    x_in = (box[0] <= centres) & (centres <= box[2])
-    y_in = (box[1] <= centres) & (centres <= box[3])
-    return (y_in[:, None] & x_in[None, :]).ravel()
+def named_things(scene: synth.Scene) -> list[tuple[str, str, synth.PixelBox]]:
+    """(first name word, second name word, box) of each thing a grounding question can name."""
+    if isinstance(scene, synth.ShapeScene):
+        return [(shape.color, shape.kind, shape.box) for shape in scene.shapes]
+    return [(button.label, "button", button.box) for button in scene.buttons]
 
 
 def last_position(ids: list[int], word: list[int]) -> int:
@@ -67,33 +68,33 @@ def last_position(ids: list[int], word: list[int]) -> int:
     raise ValueError("word not in prompt")
 
 
-def named_shares(model, processor, scene: synth.ShapeScene, k: int, image: str):
-    """([layers, heads, 3]: at the colour word, the kind word and "[", the share of the
-    attention on all shapes' cells that falls on shape k; shape k's share of those cells), or
-    None where a cell grid cannot tell shape k from the others."""
-    shape = scene.shapes[k]
-    question = f"Where is the {shape.color} {shape.kind}?"
+def named_shares(model, processor, scene: synth.Scene, k: int, image: str):
+    """([layers, heads, 3]: at the two name words and "[", the share of the attention on all
+    things' tokens that falls on thing k; thing k's share of those tokens)."""
+    first, second, box = named_things(scene)[k]
+    question = f"Where is the {first} {second}?"
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": f"{processor.image_token}\n{question}"}], [image]
     )
     ids = list(prompt.input_ids)
-    box = synth.where(shape.box, scene)
-    answer = processor.tokenizer.encode(f" {box}", add_special_tokens=False)
+    answer = processor.tokenizer.encode(f" {synth.where(box, scene)}", add_special_tokens=False)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     image_positions = [i for i, token in enumerate(ids) if token == image_id]
-    grid = round(len(image_positions) ** 0.5)
-    if grid * grid != len(image_positions):
-        raise SystemExit("error: the model's shape scenes are not one square tile of tokens")
-    named = cells_in(shape.box, grid, scene.size[0])
-    others = [cells_in(s.box, grid, scene.size[0]) for s in scene.shapes if s is not shape]
-    others = np.any(others, axis=0) & ~named
-    if not named.any() or not others.any():
-        return None
+    (grid,) = processor.image_grids([scene.size])
+    side = round((len(image_positions) / len(prompt.tiles)) ** 0.5)
+    centres = cell_centres(scene.size, grid, processor.config.preprocess_config, side)
+
+    def tokens_in(thing_box: synth.PixelBox) -> np.ndarray:
+        return np.array([synth.inside(x, y, thing_box) for x, y in centres.reshape(-1, 2)])
+
+    named = tokens_in(box)
+    others = np.any([tokens_in(b) for *_, b in named_things(scene) if b != box], axis=0)
+    others &= ~named
 
     def encoded(word: str) -> list[int]:
         return processor.tokenizer.encode(f" {word}", add_special_tokens=False)
 
-    positions = [last_position(ids, encoded(shape.color)), last_position(ids, encoded(shape.kind))]
+    positions = [last_position(ids, encoded(first)), last_position(ids, encoded(second))]
     positions.append(len(ids))  # the answer's "[", whose output is x1
     features = model.encode_images(mx.array(prompt.tiles))
     with AttentionRecorder(model) as recorder:
@@ -102,42 +103,55 @@ def named_shares(model, processor, scene: synth.ShapeScene, k: int, image: str):
     for weights in recorder.weights:
         on_image = np.array(weights[:, mx.array(positions)][:, :, mx.array(image_positions)])
         on_named, on_others = on_image[..., named].sum(-1), on_image[..., others].sum(-1)
-        shares.append(on_named / (on_named + on_others))
+        shares.append(on_named / np.maximum(on_named + on_others, 1e-12))
     return np.stack(shares), named.sum() / (named.sum() + others.sum())
+
+
+def measure(model, processor, sampler, n: int, rng: random.Random, folder: Path):
+    """Mean shares [layers, heads, 3] over `n` scenes of `sampler` with two or more things
+    that cover image tokens of their own, and the mean share of the named thing's tokens."""
+    shares, baselines = [], []
+    while len(shares) < n:
+        scene = sampler(rng)
+        things = named_things(scene)
+        if len(things) < 2:
+            continue
+        image = str(folder / f"{len(shares)}.png")
+        synth.render(scene, "plain").save(image)
+        measured, baseline = named_shares(
+            model, processor, scene, rng.randrange(len(things)), image
+        )
+        if 0 < baseline < 1:  # else the grid cannot tell the named thing from the others
+            shares.append(measured)
+            baselines.append(baseline)
+    return np.mean(shares, axis=0), float(np.mean(baselines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the shipped demo model")
-    parser.add_argument("--n", type=int, default=60, help="questions")
+    parser.add_argument("--n", type=int, default=60, help="questions per grounding type")
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args()
     if args.n < 1:
         raise SystemExit("error: --n must be at least 1")
     model, processor = load(model_or_default(args.model))
     rng = random.Random(args.seed)
-    shares, baselines = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        while len(shares) < args.n:
-            scene = synth.sample_shape_scene(rng)
-            names = {(s.color, s.kind) for s in scene.shapes}
-            if len(scene.shapes) < 2 or len(names) < len(scene.shapes):
-                continue
-            image = str(Path(tmp) / f"{len(shares)}.png")
-            synth.render(scene, "plain").save(image)
-            measured = named_shares(
-                model, processor, scene, rng.randrange(len(scene.shapes)), image
-            )
-            if measured is not None:
-                shares.append(measured[0])
-                baselines.append(measured[1])
-    mean = np.mean(shares, axis=0)
-    print('| layer | head | colour word | kind word | answer\'s "[" |')
-    print("|---|---|---|---|---|")
-    for layer, heads in enumerate(mean):
+        shapes, shape_base = measure(
+            model, processor, synth.sample_shape_scene, args.n, rng, Path(tmp)
+        )
+        buttons, button_base = measure(
+            model, processor, synth.sample_screen_scene, args.n, rng, Path(tmp)
+        )
+    columns = ["shape: colour word", "kind word", '"["', "button: label word", '"button"', '"["']
+    print(f"| layer | head | {' | '.join(columns)} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for layer, heads in enumerate(np.concatenate([shapes, buttons], axis=-1)):
         for head, row in enumerate(heads):
             print(f"| {layer} | {head} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
-    print(f"\nthe named shape's share of the shapes' cells: {np.mean(baselines):.2f}")
+    print(f"\nthe named thing's share of the things' tokens: shapes {shape_base:.2f}, "
+          f"buttons {button_base:.2f}")  # fmt: skip
     print(f"command: python benchmarks/grounding_attention.py --n {args.n} --seed {args.seed}")
 
 
