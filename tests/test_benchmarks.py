@@ -1,14 +1,16 @@
 """Every script under benchmarks/ runs as documented, on a tiny configuration, in seconds: a
 smoke test (the numbers are not measurements), so a benchmark cannot rot unnoticed."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
-from mm1_mlx.loading import DEMO_MODEL
+from mm1_mlx.loading import DEMO_MODEL, load
 from mm1_mlx.train.synth import STYLES, TASKS
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -54,6 +56,26 @@ def test_grounding_attention():
     config = json.loads((DEMO_MODEL / "config.json").read_text())["text_config"]
     assert len(rows) == config["num_hidden_layers"] * config["num_attention_heads"]
     assert all(len(row) == 8 and 0 <= float(row[-1].strip(" |")) <= 1 for row in rows)
+
+
+def test_attention_recorder_gives_the_models_own_output():
+    """The recorded weights are the ones the decoder attends with: its logits are unchanged."""
+    spec = importlib.util.spec_from_file_location(
+        "attention", BENCHMARKS / "grounding_attention.py"
+    )
+    attention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attention)
+    model, _ = load(DEMO_MODEL)
+    ids = mx.array([[5, 17, 300, 42, 9, 1000, 7]])
+    plain = model(ids)
+    with attention.AttentionRecorder(model) as recorder:
+        recorded = model(ids)
+    assert mx.allclose(plain, recorded, atol=1e-4)
+    assert recorder.module.scaled_dot_product_attention is recorder.original  # restored
+    layers = len(model.decoder.layers)
+    assert len(recorder.weights) == layers and recorder.weights[0].shape[1:] == (7, 7)
+    assert mx.allclose(recorder.weights[0].sum(-1), mx.array(1.0), atol=1e-5)
+    assert float(mx.triu(recorder.weights[0], k=1).abs().max()) == 0  # causal
 
 
 def test_grounding_trace():
