@@ -15,8 +15,6 @@ share of the things' tokens, printed below the table.
 import argparse
 import random
 import sys
-import tempfile
-from pathlib import Path
 
 import mm1_mlx  # noqa: F401  (first: it loads OpenBLAS, which must precede mlx.core)
 
@@ -53,11 +51,11 @@ class AttentionRecorder:
         return weights @ values
 
 
-def named_things(scene: synth.Scene) -> list[tuple[str, str, synth.PixelBox]]:
-    """(first name word, second name word, box) of each thing a grounding question can name."""
-    if isinstance(scene, synth.ShapeScene):
-        return [(shape.color, shape.kind, shape.box) for shape in scene.shapes]
-    return [(button.label, "button", button.box) for button in scene.buttons]
+def grounding_questions(scene: synth.Scene) -> list[tuple[synth.QA, synth.PixelBox]]:
+    """Each thing's "Where is the ...?" question, as the spec asks it, with the thing's box."""
+    things = scene.shapes if isinstance(scene, synth.ShapeScene) else scene.buttons
+    asked = [qa for qa in synth.questions(scene) if qa.task.startswith("ground_")]
+    return [(qa, thing.box) for qa, thing in zip(asked, things, strict=True)]
 
 
 def last_position(ids: list[int], word: list[int]) -> int:
@@ -68,16 +66,19 @@ def last_position(ids: list[int], word: list[int]) -> int:
     raise ValueError("word not in prompt")
 
 
-def named_shares(model, processor, scene: synth.Scene, k: int, image: str):
-    """([layers, heads, 3]: at the two name words and "[", the share of the attention on all
-    things' tokens that falls on thing k; thing k's share of those tokens)."""
-    first, second, box = named_things(scene)[k]
-    question = f"Where is the {first} {second}?"
+def named_shares(
+    model, processor, scene: synth.Scene, things: list[tuple[synth.QA, synth.PixelBox]], k: int
+):
+    """([layers, heads, 3]: at the question's two name words and "[", the share of the
+    attention on all things' tokens that falls on thing k of `grounding_questions(scene)`;
+    thing k's share of those tokens)."""
+    qa, box = things[k]
+    image = synth.render(scene, "plain")
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": f"{processor.image_token}\n{question}"}], [image]
+        [{"role": "user", "content": f"{processor.image_token}\n{qa.question}"}], [image]
     )
     ids = list(prompt.input_ids)
-    answer = processor.tokenizer.encode(f" {synth.where(box, scene)}", add_special_tokens=False)
+    answer = processor.tokenizer.encode(f" {qa.answer}", add_special_tokens=False)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     image_positions = [i for i, token in enumerate(ids) if token == image_id]
     (grid,) = processor.image_grids([scene.size])
@@ -88,17 +89,17 @@ def named_shares(model, processor, scene: synth.Scene, k: int, image: str):
         return np.array([synth.inside(x, y, thing_box) for x, y in centres.reshape(-1, 2)])
 
     named = tokens_in(box)
-    others = np.any([tokens_in(b) for *_, b in named_things(scene) if b != box], axis=0)
+    others = np.any([tokens_in(b) for _, b in things if b != box], axis=0)
     others &= ~named
 
     def encoded(word: str) -> list[int]:
         return processor.tokenizer.encode(f" {word}", add_special_tokens=False)
 
-    positions = [last_position(ids, encoded(first)), last_position(ids, encoded(second))]
+    names = qa.question.rstrip("?").split()[-2:]  # "red circle", "Send button"
+    positions = [last_position(ids, encoded(word)) for word in names]
     positions.append(len(ids))  # the answer's "[", whose output is x1
-    features = model.encode_images(mx.array(prompt.tiles))
     with AttentionRecorder(model) as recorder:
-        model(mx.array([ids + answer]), image_features=features)
+        model(mx.array([ids + answer]), mx.array(prompt.tiles))
     shares = []
     for weights in recorder.weights:
         on_image = np.array(weights[:, mx.array(positions)][:, :, mx.array(image_positions)])
@@ -107,20 +108,17 @@ def named_shares(model, processor, scene: synth.Scene, k: int, image: str):
     return np.stack(shares), named.sum() / (named.sum() + others.sum())
 
 
-def measure(model, processor, sampler, n: int, rng: random.Random, folder: Path):
+def measure(model, processor, sampler, n: int, rng: random.Random):
     """Mean shares [layers, heads, 3] over `n` scenes of `sampler` with two or more things
     that cover image tokens of their own, and the mean share of the named thing's tokens."""
     shares, baselines = [], []
     while len(shares) < n:
         scene = sampler(rng)
-        things = named_things(scene)
+        things = grounding_questions(scene)
         if len(things) < 2:
             continue
-        image = str(folder / f"{len(shares)}.png")
-        synth.render(scene, "plain").save(image)
-        measured, baseline = named_shares(
-            model, processor, scene, rng.randrange(len(things)), image
-        )
+        k = rng.randrange(len(things))
+        measured, baseline = named_shares(model, processor, scene, things, k)
         if 0 < baseline < 1:  # else the grid cannot tell the named thing from the others
             shares.append(measured)
             baselines.append(baseline)
@@ -137,13 +135,8 @@ def main() -> None:
         raise SystemExit("error: --n must be at least 1")
     model, processor = load(model_or_default(args.model))
     rng = random.Random(args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        shapes, shape_base = measure(
-            model, processor, synth.sample_shape_scene, args.n, rng, Path(tmp)
-        )
-        buttons, button_base = measure(
-            model, processor, synth.sample_screen_scene, args.n, rng, Path(tmp)
-        )
+    shapes, shape_base = measure(model, processor, synth.sample_shape_scene, args.n, rng)
+    buttons, button_base = measure(model, processor, synth.sample_screen_scene, args.n, rng)
     columns = ["shape: colour word", "kind word", '"["', "button: label word", '"button"', '"["']
     print(f"| layer | head | {' | '.join(columns)} |")
     print("|---|---|---|---|---|---|---|---|")
