@@ -14,7 +14,6 @@ share of the things' tokens, printed below the table.
 
 import argparse
 import random
-import sys
 
 import mm1_mlx  # noqa: F401  (first: it loads OpenBLAS, which must precede mlx.core)
 
@@ -22,33 +21,23 @@ import mm1_mlx  # noqa: F401  (first: it loads OpenBLAS, which must precede mlx.
 import mlx.core as mx
 import numpy as np
 
+from mm1_mlx.cells import cell_centres
 from mm1_mlx.loading import load, model_or_default
 from mm1_mlx.train import synth
-from mm1_mlx.train.dense import cell_centres
+from mm1_mlx.train.box_attention import AttentionInputs
 
 
-class AttentionRecorder:
-    """Stands in for the decoder module's scaled_dot_product_attention while in use: computes
-    the causal attention of one sequence explicitly and keeps each layer's weights."""
-
-    def __init__(self, model):
-        self.module = sys.modules[type(model.decoder.layers[0].self_attn).__module__]
-        self.weights: list[mx.array] = []  # per layer: [heads, queries, keys]
-
-    def __enter__(self) -> "AttentionRecorder":
-        self.original = self.module.scaled_dot_product_attention
-        self.module.scaled_dot_product_attention = self.attend
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.module.scaled_dot_product_attention = self.original
-
-    def attend(self, queries, keys, values, cache=None, scale=1.0, mask=None, **kwargs):
+def attention_weights(model, ids: list[int], tiles) -> list[mx.array]:
+    """Each decoder layer's causal attention weights [heads, queries, keys] over `ids`."""
+    with AttentionInputs(model) as attention:
+        model(mx.array([ids]), mx.array(tiles))
+    weights = []
+    for queries, keys, scale in attention.seen:
+        keys = mx.repeat(keys, queries.shape[1] // keys.shape[1], axis=1)
         scores = (queries * scale) @ keys.transpose(0, 1, 3, 2)
-        length = scores.shape[-1]
-        weights = mx.softmax(scores + mx.triu(mx.full((length, length), -mx.inf), k=1), axis=-1)
-        self.weights.append(weights[0])
-        return weights @ values
+        future = mx.triu(mx.full(scores.shape[-2:], -mx.inf), k=1)
+        weights.append(mx.softmax(scores + future, axis=-1)[0])
+    return weights
 
 
 def grounding_questions(scene: synth.Scene) -> list[tuple[synth.QA, synth.PixelBox]]:
@@ -98,10 +87,8 @@ def named_shares(
     names = qa.question.rstrip("?").split()[-2:]  # "red circle", "Send button"
     positions = [last_position(ids, encoded(word)) for word in names]
     positions.append(len(ids))  # the answer's "[", whose output is x1
-    with AttentionRecorder(model) as recorder:
-        model(mx.array([ids + answer]), mx.array(prompt.tiles))
     shares = []
-    for weights in recorder.weights:
+    for weights in attention_weights(model, ids + answer, prompt.tiles):
         on_image = np.array(weights[:, mx.array(positions)][:, :, mx.array(image_positions)])
         on_named, on_others = on_image[..., named].sum(-1), on_image[..., others].sum(-1)
         shares.append(on_named / np.maximum(on_named + on_others, 1e-12))

@@ -10,6 +10,7 @@ from helpers import init_model_folder, run_cli
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from mm1_mlx.cells import cell_centres
 from mm1_mlx.config import PreprocessConfig
 from mm1_mlx.errors import UserError
 from mm1_mlx.loading import DEMO_MODEL, load
@@ -20,7 +21,6 @@ from mm1_mlx.train.dense import (
     DenseHeads,
     SceneImage,
     TileBatcher,
-    cell_centres,
     cell_targets,
     gaussian_targets,
 )

@@ -24,6 +24,17 @@ def token_texts(tokenizer, vocab_size: int) -> list[str]:
     return [tokenizer.decode([i]) for i in range(size)] + [""] * (vocab_size - size)
 
 
+def bracket_effects(texts: list[str]) -> np.ndarray:
+    """int8 per token id: what the token does to "inside a box": 1 opens ("[", " ["), 0 closes
+    ("]", "]."), -1 neither. A token with both brackets counts by its last one."""
+    effects = np.full(len(texts), -1, np.int8)
+    for token_id, text in enumerate(texts):
+        last = max(text.rfind("["), text.rfind("]"))
+        if last >= 0:
+            effects[token_id] = text[last] == "["
+    return effects
+
+
 class CoordinateSmoothing:
     """(input_ids, targets) [rows, T] -> (ids, weights) [rows, T, K]: each target as K token
     ids with weights summing to 1. An exact target is [target, ...] with weights [1, 0, ...]."""
@@ -33,14 +44,9 @@ class CoordinateSmoothing:
             raise ValueError("sigma must be positive")
         radius = max(1, math.ceil(3 * sigma))
         offsets = np.arange(-radius, radius + 1)
-        # What each token does to "inside a box": 1 opens ("[", " ["), 0 closes ("]", "]."),
-        # -1 neither. A token with both brackets counts by its last one.
-        self.bracket = np.full(len(texts), -1, np.int8)
+        self.bracket = bracket_effects(texts)
         numbers: dict[tuple[bool, int], int] = {}
         for token_id, text in enumerate(texts):
-            last = max(text.rfind("["), text.rfind("]"))
-            if last >= 0:
-                self.bracket[token_id] = text[last] == "["
             match = NUMBER.fullmatch(text)
             if match and int(match[1]) <= LARGEST:
                 numbers[text.startswith(" "), int(match[1])] = token_id

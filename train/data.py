@@ -41,6 +41,7 @@ from mm1_mlx.processor import (
     read_image_size,
 )
 from mm1_mlx.splitting import Grid, num_tiles
+from mm1_mlx.train.box_attention import BoxFinder, BoxQueries
 from mm1_mlx.train.readers import make_reader
 from mm1_mlx.train.sources import Record, Skip, SourceConfig, check_source
 
@@ -61,6 +62,7 @@ class Batch:
     # int32 [rows, seq_len]: which of its row's packed examples each position belongs to
     # (padding: one past the last), or None where examples may attend to each other.
     example_ids: np.ndarray | None = None
+    boxes: BoxQueries | None = None  # the box answers, where the loader looks for them
 
     @property
     def token_mask(self) -> np.ndarray:
@@ -79,6 +81,7 @@ class Example:
     trained: list[bool]  # per token: whether predicting it carries loss
     images: list[Path | ImageBytes]  # in the order of their image tokens
     grids: list[Grid]  # each image's tile grid (processor.WHOLE_IMAGE: not split)
+    sizes: list[tuple[int, int]]  # each image's (width, height)
     source: int  # index into DataLoader.sources
     record: Record  # where it was read: origin, epoch, position
 
@@ -262,6 +265,7 @@ class DataLoader:
         loss_weighting: str = "token",
         split_images: bool | None = None,
         attend_across_examples: bool = False,
+        box_finder: BoxFinder | None = None,
     ):
         check_settings(sources, seq_len, batch_size, rank, world_size, loss_weighting)
         self.sources = sources
@@ -274,6 +278,7 @@ class DataLoader:
         self.loss_weighting = loss_weighting
         self.split_images = split_images
         self.attend_across_examples = attend_across_examples
+        self.box_finder = box_finder
         weights = np.array([source.weight for source in sources], np.float64)
         self.probabilities = weights / weights.sum()
         self.rng = np.random.default_rng(seed)
@@ -294,6 +299,7 @@ class DataLoader:
         tiles = [tile for row in mine for tile in self.row_tiles(row)]  # zeroes corrupt examples
         lengths = np.array([min(len(row.tokens), self.seq_len) for row in mine], np.int32)
         example_ids = None if self.attend_across_examples else self.example_ids(mine)
+        boxes = None if self.box_finder is None else self.box_finder(mine, self.seq_len)
         for row in mine:  # pad to seq_len + 1
             padding = self.seq_len + 1 - len(row.tokens)
             row.tokens += [self.pad_id] * padding
@@ -306,6 +312,7 @@ class DataLoader:
             pixels=np.stack(tiles) if tiles else None,
             lengths=lengths,
             example_ids=example_ids,
+            boxes=boxes,
         )
 
     def example_ids(self, rows: list[Row]) -> np.ndarray:
@@ -415,7 +422,7 @@ class DataLoader:
             raise Skip("too long", f"{len(tokens)} tokens, over seq_len + 1 = {self.seq_len + 1}")
         if not any(trained):
             raise Skip("nothing to train on", "no tokens carry loss")
-        return Example(tokens, trained, images, grids, source, record)
+        return Example(tokens, trained, images, grids, sizes, source, record)
 
     def skip(self, record: Record, skip: Skip) -> None:
         if self.strict:

@@ -88,6 +88,10 @@ class TrainSettings:
     # The chance that an image tile's tokens reach the decoder in a random order: where they
     # sit then tells nothing, and the decoder must locate things by what the tokens hold.
     image_token_shuffle: float = 0.0
+    # Weight of the loss that teaches one decoder head, [layer, head], to look at the image
+    # tokens inside a box answer from its "[" (train/box_attention.py); 0: off.
+    box_attention: float = 0.0
+    box_attention_head: tuple[int, int] = (0, 0)
     gradient_checkpointing: bool = False
 
 
@@ -179,6 +183,7 @@ DATA_PATH = Rule(
     ),
 )
 NON_NEGATIVE = number(0)
+NATURAL = integer(0)
 # Checkpoint folders are named by their step in 7 digits (trainer.checkpoint_folder): past them
 # the newest would sort first, and the step count loses float32's exact integers at 2**24.
 MAX_STEPS = 9_999_999
@@ -230,6 +235,13 @@ RULES: dict[tuple[type, str], Rule] = {
     # 0: off; wider than the 0..1000 grid, the soft targets are flat over it.
     (TrainSettings, "box_smoothing"): number(0, COORDINATE_MAX),
     (TrainSettings, "image_token_shuffle"): number(0, 1),
+    # Of the order of the cross-entropy (a few nats) at 1; far larger drowns the answers.
+    (TrainSettings, "box_attention"): number(0, 100),
+    (TrainSettings, "box_attention_head"): Rule(
+        "a list of 2 integers >= 0, [layer, head]",
+        lambda value: isinstance(value, list) and len(value) == 2 and all(map(NATURAL.test, value)),
+        tuple,
+    ),
     (TrainSettings, "gradient_checkpointing"): FLAG,
     (ModuleSettings, "trainable"): FLAG,
     (ModuleSettings, "lr_multiplier"): number(0, MAX_LR_MULTIPLIER),

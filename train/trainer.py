@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +41,8 @@ from mm1_mlx.loading import (
 )
 from mm1_mlx.model import MM1Model
 from mm1_mlx.quantize import quantize_model
-from mm1_mlx.train.coordinates import CoordinateSmoothing, token_texts
+from mm1_mlx.train.box_attention import AttentionInputs, BoxFinder, mean_box_attention_loss
+from mm1_mlx.train.coordinates import CoordinateSmoothing, bracket_effects, token_texts
 from mm1_mlx.train.data import Batch, DataLoader
 from mm1_mlx.train.lora import apply_lora, fuse_lora
 from mm1_mlx.train.moe import RouterLosses
@@ -218,10 +219,16 @@ def make_train_step(
     def objective(model, batch: Batch, total_weight: float, share: float):
         tokens = model.config.num_image_tokens
         orders = image_token_orders(batch, settings.image_token_shuffle, recipe.seed, tokens)
-        with router.masking(mx.array(batch.token_mask)):
+        attention = AttentionInputs(model) if settings.box_attention else nullcontext()
+        with router.masking(mx.array(batch.token_mask)), attention:
             training, cross_entropy = loss_sums(model, batch, settings.z_loss, smoothing, orders)
             auxiliary = router.loss()
-        # `share` spreads the (already averaged) router loss over micro-batches and ranks.
+        if settings.box_attention:
+            layer, head = settings.box_attention_head
+            auxiliary = auxiliary + settings.box_attention * mean_box_attention_loss(
+                attention.seen[layer], head, batch.boxes, batch.example_ids
+            )
+        # `share` spreads the (already averaged) auxiliary losses over micro-batches and ranks.
         return training / total_weight + share * auxiliary, cross_entropy
 
     loss_and_grad = nn.value_and_grad(model, objective)
@@ -663,8 +670,29 @@ def language_stage(recipe: Recipe, group: Any) -> LanguageStage:
         )
     if group.rank() == 0:
         print(trainable_summary(model))
-    loader = make_loader(recipe, processor, recipe.data.sources, group)
+    finder = box_finder(recipe, model, processor)
+    loader = make_loader(recipe, processor, recipe.data.sources, group, finder)
     return LanguageStage(recipe, model, processor, loader, group)
+
+
+def box_finder(recipe: Recipe, model: MM1Model, processor) -> BoxFinder | None:
+    """With `train.box_attention`, what finds the box answers, once the head is known to be
+    one of the decoder's."""
+    settings = recipe.train
+    if not settings.box_attention:
+        return None
+    if settings.gradient_checkpointing:  # the recomputed layers keep no queries and keys
+        raise UserError("train.box_attention does not work with train.gradient_checkpointing")
+    layer, head = settings.box_attention_head
+    layers = len(model.decoder.layers)
+    heads = model.config.text_config.get("num_attention_heads", 0)
+    if not (layer < layers and head < heads):
+        raise UserError(
+            f"train.box_attention_head must be [layer, head] within the decoder's {layers} "
+            f"layers and {heads} heads, not [{layer}, {head}]"
+        )
+    texts = token_texts(processor.tokenizer, model.config.text_config["vocab_size"])
+    return BoxFinder(processor, bracket_effects(texts) == 1)
 
 
 def make_stage(recipe: Recipe, group: Any) -> Stage:
@@ -675,7 +703,9 @@ def make_stage(recipe: Recipe, group: Any) -> Stage:
     return DenseStage(recipe, group)
 
 
-def make_loader(recipe: Recipe, processor, sources, group) -> DataLoader:
+def make_loader(
+    recipe: Recipe, processor, sources, group, finder: BoxFinder | None = None
+) -> DataLoader:
     data = recipe.data
     return DataLoader(
         sources,
@@ -690,6 +720,7 @@ def make_loader(recipe: Recipe, processor, sources, group) -> DataLoader:
         loss_weighting=data.loss_weighting,
         split_images=data.split_images,
         attend_across_examples=data.attend_across_examples,
+        box_finder=finder,
     )
 
 

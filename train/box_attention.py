@@ -1,0 +1,169 @@
+"""Attention on the thing a box answer names: `[train] box_attention = WEIGHT`.
+
+A grounded answer `[x1, y1, x2, y2]` (MM1.5's 0..1000 coordinates of its image) starts at its
+"[": the output there is x1, which only the picture can give, so the decoder has to find the
+thing the question names among the image tokens. A decoder that grounds has a head that looks
+at the named thing; training runs in which none forms write boxes barely conditioned on the
+picture (train/recipes/demo/README.md). This loss asks one head (`box_attention_head =
+[layer, head]`) to be that head: at every "[" whose box carries loss, its attention should fall
+on the image tokens whose cells lie inside the box. Each box adds -log(attention inside the
+box), averaged over the micro-batch's boxes and scaled by WEIGHT. The target comes from the
+answer itself, so any grounding data in this format supervises it.
+"""
+
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from mm1_mlx.cells import cell_centres
+from mm1_mlx.processor import Processor
+from mm1_mlx.splitting import num_tiles
+
+# The text after a "[" that makes it a box; numbers above 1000 or an empty box are not one.
+BOX = re.compile(r"\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\]")
+BOX_TOKENS = 32  # "[" and a box, even spelt one character per token (4 x 4 digits, ", ", "]")
+
+
+@dataclass
+class BoxQueries:
+    """The box answers of a micro-batch: where each one's "[" sits, and its targets."""
+
+    rows: np.ndarray  # int32 [Q]: the row of each box
+    positions: np.ndarray  # int32 [Q]: the input position of its "["
+    inside: np.ndarray  # bool [Q, seq_len]: the row's image tokens whose cells lie in the box
+
+
+class BoxFinder:
+    """Finds the box answers in packed rows (`DataLoader` calls it on each micro-batch)."""
+
+    def __init__(self, processor: Processor, opens_bracket: np.ndarray):
+        self.processor = processor
+        self.opens_bracket = opens_bracket  # bool per token id: its text's last bracket is "["
+        config = processor.config
+        self.image_id = config.image_token_id
+        self.tokens_per_tile = config.num_image_tokens
+        self.side = round(config.num_image_tokens**0.5)
+
+    def __call__(self, rows: Sequence[Any], seq_len: int) -> BoxQueries:
+        """`rows`: the loader's packed rows (tokens, per-token loss weights, examples)."""
+        found = [
+            (index, position, inside)
+            for index, row in enumerate(rows)
+            for start, example in row.examples
+            for position, inside in self.example_boxes(row, start, example, seq_len)
+        ]
+        inside = np.zeros((len(found), seq_len), bool)
+        for k, (_, _, cells) in enumerate(found):
+            inside[k, cells] = True
+        return BoxQueries(
+            rows=np.array([index for index, _, _ in found], np.int32),
+            positions=np.array([position for _, position, _ in found], np.int32),
+            inside=inside,
+        )
+
+    def example_boxes(self, row: Any, start: int, example: Any, seq_len: int):
+        """(row position of a "[", row positions of the image tokens inside its box), for each
+        trained box answer of the example that lies within the row's inputs."""
+        tokens = example.tokens
+        images = self.image_cells(start, example)
+        for offset, token in enumerate(tokens[:-1]):
+            position = start + offset
+            if position >= seq_len or not images:
+                break
+            if not self.opens_bracket[token] or not row.weights[position + 1]:
+                continue
+            match = self.box_after(tokens[offset : offset + BOX_TOKENS])
+            seen = [image for image in images if image[0][0] < position]
+            if match is None or not seen:
+                continue
+            box = np.array([int(value) for value in match.groups()])
+            positions, centres, size = seen[-1]
+            if np.any(box > 1000) or box[0] >= box[2] or box[1] >= box[3]:
+                continue
+            left, top, right, bottom = box / 1000 * np.array([*size, *size])
+            x, y = centres[:, 0], centres[:, 1]
+            cells = positions[(left <= x) & (x <= right) & (top <= y) & (y <= bottom)]
+            if len(cells):
+                yield position, cells
+
+    def box_after(self, tokens: list[int]) -> re.Match | None:
+        """The box that follows the last "[" of the first token's text, if one does (the
+        token may hold more than the bracket, as " [" does)."""
+        opening = self.processor.decode(tokens[:1]).rfind("[")
+        return BOX.match(self.processor.decode(tokens)[opening + 1 :])
+
+    def image_cells(self, start: int, example: Any) -> list[tuple[np.ndarray, np.ndarray, Any]]:
+        """Per image of the example: its tokens' row positions, their cells' centres in the
+        image's pixels, and the image's size."""
+        positions = start + np.flatnonzero(np.array(example.tokens) == self.image_id)
+        config = self.processor.config.preprocess_config
+        images, first = [], 0
+        for size, grid in zip(example.sizes, example.grids, strict=True):
+            count = num_tiles(grid) * self.tokens_per_tile
+            centres = cell_centres(size, grid, config, self.side).reshape(-1, 2)
+            images.append((positions[first : first + count], centres, size))
+            first += count
+        return images
+
+
+class AttentionInputs:
+    """While in use, keeps the queries and keys of each decoder layer's attention (after their
+    rotary positions): stands in for the decoder module's scaled_dot_product_attention and
+    calls it, so the decoder's output is unchanged."""
+
+    def __init__(self, model: Any):
+        self.module = sys.modules[type(model.decoder.layers[0].self_attn).__module__]
+        self.seen: list[tuple[mx.array, mx.array, float]] = []  # per layer: queries, keys, scale
+
+    def __enter__(self) -> "AttentionInputs":
+        self.original = self.module.scaled_dot_product_attention
+        self.module.scaled_dot_product_attention = self.attend
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.scaled_dot_product_attention = self.original
+
+    def attend(self, queries, keys, values, *args, scale: float, **kwargs):
+        self.seen.append((queries, keys, scale))
+        return self.original(queries, keys, values, *args, scale=scale, **kwargs)
+
+
+def box_attention_losses(
+    seen: tuple[mx.array, mx.array, float],
+    head: int,
+    boxes: BoxQueries,
+    example_ids: np.ndarray | None,
+) -> mx.array:
+    """[Q]: -log of the attention that `head` of a layer (its `seen` queries and keys) gives,
+    at each box's "[", to the image tokens inside the box. Causal; with `example_ids`, each
+    position sees only its own example, as the decoder's mask does."""
+    queries, keys, scale = seen
+    group = queries.shape[1] // keys.shape[1]  # query heads per key head
+    rows, positions = mx.array(boxes.rows), mx.array(boxes.positions)
+    query = queries[:, head][rows, positions]  # [Q, D]
+    key = keys[:, head // group][rows]  # [Q, L, D]
+    scores = (key @ query[:, :, None])[..., 0] * scale
+    visible = np.arange(scores.shape[-1])[None] <= boxes.positions[:, None]
+    if example_ids is not None:
+        own = example_ids[boxes.rows, boxes.positions]
+        visible &= example_ids[boxes.rows] == own[:, None]
+    scores = mx.where(mx.array(visible), scores, -mx.inf)
+    log_weights = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+    return -mx.logsumexp(mx.where(mx.array(boxes.inside), log_weights, -mx.inf), axis=-1)
+
+
+def mean_box_attention_loss(
+    seen: tuple[mx.array, mx.array, float],
+    head: int,
+    boxes: BoxQueries | None,
+    example_ids: np.ndarray | None,
+) -> mx.array:
+    """The mean of `box_attention_losses` over a micro-batch's boxes; 0 without boxes."""
+    if boxes is None or not len(boxes.rows):
+        return mx.array(0.0)
+    return box_attention_losses(seen, head, boxes, example_ids).mean()
