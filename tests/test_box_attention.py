@@ -80,17 +80,30 @@ def test_the_finder_marks_each_trained_box_and_the_image_tokens_inside_it(tiny_m
         box_finder=finder_for(processor, model),
     )
     batch = loader.next_batch()
-    boxes = batch.boxes
-    ids = batch.input_ids[0]
-    assert len(boxes.rows) == 2 and not boxes.rows.any()
-    after = [processor.decode(ids[p : p + 32].tolist()).lstrip() for p in boxes.positions]
-    assert after[0].startswith("[0, 0, 500, 1000]")
-    assert after[1].startswith("[600, 600, 1000, 1000]")
-    assert all(batch.weights[0, p] > 0 for p in boxes.positions)  # the x1 that each "[" writes
+    boxes, ids = batch.boxes, batch.input_ids[0]
+    assert not boxes.rows.any()
     image_positions = np.flatnonzero(ids == model.config.image_token_id)
     assert len(image_positions) == 4  # 2 x 2 cells, row-major
-    assert boxes.inside[0].nonzero()[0].tolist() == image_positions[[0, 2]].tolist()  # left half
-    assert boxes.inside[1].nonzero()[0].tolist() == image_positions[[3]].tolist()  # bottom right
+    first = boxes.inside[:, image_positions[0]]  # the left half holds the first cell
+    for box, cells in ((first, [0, 2]), (~first, [3])):  # the left half; the bottom right
+        assert all(np.flatnonzero(inside).tolist() == image_positions[cells].tolist()
+                   for inside in boxes.inside[box])  # fmt: skip
+        assert np.isclose(boxes.weights[box].sum(), 1)
+    # Each box is asked for from the end of what came before (the image, the previous answer)
+    # to its "[", whose output is the box's x1.
+    asking = [boxes.positions[first], boxes.positions[~first]]
+    assert all(np.array_equal(p, np.arange(p[0], p[-1] + 1)) for p in asking)
+    assert asking[0][0] == image_positions[-1] + 1
+
+    def text(start: int, end: int) -> str:
+        return processor.decode(ids[start:end].tolist())
+
+    assert text(asking[0][0], asking[0][-1]).lstrip().startswith("What is at [0, 0, 500, 500]?")
+    assert text(asking[0][-1], asking[0][-1] + 32).lstrip().startswith("[0, 0, 500, 1000]")
+    second = text(asking[1][0], asking[1][-1])
+    assert "And the other?" in second and "500" not in second  # not the answer before it
+    assert text(asking[1][-1], asking[1][-1] + 32).lstrip().startswith("[600, 600, 1000, 1000]")
+    assert all(batch.weights[0, p[-1]] > 0 for p in asking)  # the x1 that each "[" writes
 
 
 def reference_losses(queries, keys, scale, head, boxes, example_ids):
@@ -115,7 +128,7 @@ def test_the_loss_is_minus_the_log_of_the_attention_inside_the_box(packed):
     keys = rng.normal(size=(2, 2, 12, 8)).astype(np.float32)  # two query heads per key head
     inside = np.zeros((3, 12), bool)
     inside[0, [1, 2]] = inside[1, [0, 8, 9]] = inside[2, [8, 9]] = True
-    boxes = BoxQueries(np.array([0, 1, 1]), np.array([4, 9, 11]), inside)
+    boxes = BoxQueries(np.array([0, 1, 1]), np.array([4, 9, 11]), inside, np.ones(3))
     example_ids = np.repeat([[0] * 7 + [1] * 5], 2, axis=0) if packed else None
     for head in range(4):
         seen = (mx.array(queries), mx.array(keys), 0.35)

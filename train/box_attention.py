@@ -3,12 +3,16 @@
 A grounded answer `[x1, y1, x2, y2]` (MM1.5's 0..1000 coordinates of its image) starts at its
 "[": the output there is x1, which only the picture can give, so the decoder has to find the
 thing the question names among the image tokens. A decoder that grounds has a head that looks
-at the named thing; training runs in which none forms write boxes barely conditioned on the
-picture (train/recipes/demo/README.md). This loss asks one head (`box_attention_head =
-[layer, head]`) to be that head: at every "[" whose box carries loss, its attention should fall
-on the image tokens whose cells lie inside the box. Each box adds -log(attention inside the
-box), averaged over the micro-batch's boxes and scaled by WEIGHT. The target comes from the
-answer itself, so any grounding data in this format supervises it.
+at the named thing from the question's name words; training runs in which none forms write
+boxes barely conditioned on the picture (train/recipes/demo/README.md). This loss asks one
+head (`box_attention_head = [layer, head]`) to be that head: at every position that asks for
+a box whose answer carries loss (from the end of what came before, the image or the previous
+answer, through the question to the answer's "["), its attention should fall on the image
+tokens whose cells lie inside the box. Each position adds -log(attention inside the box); a
+box's positions share one weight, and the boxes of a micro-batch are averaged and scaled by
+WEIGHT. Positions that cannot know the name yet ("Where is the") can only learn to look at
+things in general; those after the name can find it. The targets come from the answers
+themselves, so any grounding data in this format supervises it.
 """
 
 import re
@@ -33,9 +37,10 @@ BOX_TOKENS = 32  # "[" and a box, even spelt one character per token (4 x 4 digi
 class BoxQueries:
     """The box answers of a micro-batch: where each one's "[" sits, and its targets."""
 
-    rows: np.ndarray  # int32 [Q]: the row of each box
-    positions: np.ndarray  # int32 [Q]: the input position of its "["
+    rows: np.ndarray  # int32 [Q]: the row of each query
+    positions: np.ndarray  # int32 [Q]: its input position, one of those that ask for a box
     inside: np.ndarray  # bool [Q, seq_len]: the row's image tokens whose cells lie in the box
+    weights: np.ndarray  # float32 [Q]: each box's queries share 1
 
 
 class BoxFinder:
@@ -52,23 +57,25 @@ class BoxFinder:
     def __call__(self, rows: Sequence[Any], seq_len: int) -> BoxQueries:
         """`rows`: the loader's packed rows (tokens, per-token loss weights, examples)."""
         found = [
-            (index, position, inside)
+            (index, position, cells, 1 / len(asking))
             for index, row in enumerate(rows)
             for start, example in row.examples
-            for position, inside in self.example_boxes(row, start, example, seq_len)
+            for asking, cells in self.example_boxes(row, start, example, seq_len)
+            for position in asking
         ]
         inside = np.zeros((len(found), seq_len), bool)
-        for k, (_, _, cells) in enumerate(found):
+        for k, (_, _, cells, _) in enumerate(found):
             inside[k, cells] = True
         return BoxQueries(
-            rows=np.array([index for index, _, _ in found], np.int32),
-            positions=np.array([position for _, position, _ in found], np.int32),
+            rows=np.array([index for index, *_ in found], np.int32),
+            positions=np.array([position for _, position, *_ in found], np.int32),
             inside=inside,
+            weights=np.array([weight for *_, weight in found], np.float32),
         )
 
     def example_boxes(self, row: Any, start: int, example: Any, seq_len: int):
-        """(row position of a "[", row positions of the image tokens inside its box), for each
-        trained box answer of the example that lies within the row's inputs."""
+        """(the row positions that ask for a box, row positions of the image tokens inside the
+        box), for each trained box answer of the example that lies within the row's inputs."""
         tokens = example.tokens
         images = self.image_cells(start, example)
         for offset, token in enumerate(tokens[:-1]):
@@ -89,7 +96,18 @@ class BoxFinder:
             x, y = centres[:, 0], centres[:, 1]
             cells = positions[(left <= x) & (x <= right) & (top <= y) & (y <= bottom)]
             if len(cells):
-                yield position, cells
+                yield self.asking(row.weights, row.tokens, position), cells
+
+    def asking(self, weights: list[float], tokens: list[int], bracket: int) -> range:
+        """The positions from the question to the box's "[": back past the answer's trained
+        tokens before the "[", then past the untrained ones (the question, the template) to
+        the previous answer or an image token."""
+        first = bracket
+        while first > 0 and weights[first - 1]:
+            first -= 1
+        while first > 0 and not weights[first - 1] and tokens[first - 1] != self.image_id:
+            first -= 1
+        return range(first, bracket + 1)
 
     def box_after(self, tokens: list[int]) -> re.Match | None:
         """The box that follows the last "[" of the first token's text, if one does (the
@@ -166,4 +184,5 @@ def mean_box_attention_loss(
     """The mean of `box_attention_losses` over a micro-batch's boxes; 0 without boxes."""
     if boxes is None or not len(boxes.rows):
         return mx.array(0.0)
-    return box_attention_losses(seen, head, boxes, example_ids).mean()
+    losses = box_attention_losses(seen, head, boxes, example_ids)
+    return (losses * mx.array(boxes.weights)).sum() / boxes.weights.sum()
