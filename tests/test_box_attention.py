@@ -57,18 +57,22 @@ def write_boxes(folder: Path, n: int) -> Path:
 
 def finder_for(processor, model) -> BoxFinder:
     texts = token_texts(processor.tokenizer, model.config.text_config["vocab_size"])
-    return BoxFinder(processor, bracket_effects(texts) == 1)
+    return BoxFinder(processor, bracket_effects(texts))
 
 
-def test_the_finder_marks_each_trained_box_and_the_image_tokens_inside_it(tiny_model, tmp_path):
+def test_the_finder_marks_who_asks_for_or_about_each_box_and_the_tokens_inside_it(
+    tiny_model, tmp_path
+):
     model, processor = tiny_model
     Image.new("RGB", (48, 48), "white").save(tmp_path / "a.png")
     messages = [
-        # A box in a question carries no loss; a box past 1000 or an empty one is no box.
-        {"role": "user", "content": "<image>\nWhat is at [0, 0, 500, 500]?"},
+        {"role": "user", "content": "<image>\nWhere is it?"},
         {"role": "assistant", "content": "[0, 0, 500, 1000]"},
-        {"role": "user", "content": "And the other?"},
-        {"role": "assistant", "content": "[600, 600, 1000, 1000], [5, 5, 1200, 9], [9, 9, 9, 9]"},
+        {"role": "user", "content": "What is at [600, 600, 1000, 1000]?"},
+        {"role": "assistant", "content": "a square"},
+        # A box past 1000 or an empty one is no box.
+        {"role": "user", "content": "And at [5, 5, 1200, 9] or [9, 9, 9, 9]?"},
+        {"role": "assistant", "content": "nothing"},
     ]
     record = {"images": ["a.png"], "messages": messages}
     (tmp_path / "chat.jsonl").write_text(json.dumps(record) + "\n")
@@ -84,26 +88,26 @@ def test_the_finder_marks_each_trained_box_and_the_image_tokens_inside_it(tiny_m
     assert not boxes.rows.any()
     image_positions = np.flatnonzero(ids == model.config.image_token_id)
     assert len(image_positions) == 4  # 2 x 2 cells, row-major
-    first = boxes.inside[:, image_positions[0]]  # the left half holds the first cell
-    for box, cells in ((first, [0, 2]), (~first, [3])):  # the left half; the bottom right
+    answer = boxes.inside[:, image_positions[0]]  # the answer's box, the left half
+    for box, cells in ((answer, [0, 2]), (~answer, [3])):  # the question's: the bottom right
         assert all(np.flatnonzero(inside).tolist() == image_positions[cells].tolist()
                    for inside in boxes.inside[box])  # fmt: skip
         assert np.isclose(boxes.weights[box].sum(), 1)
-    # Each box is asked for from the end of what came before (the image, the previous answer)
-    # to its "[", whose output is the box's x1.
-    asking = [boxes.positions[first], boxes.positions[~first]]
-    assert all(np.array_equal(p, np.arange(p[0], p[-1] + 1)) for p in asking)
-    assert asking[0][0] == image_positions[-1] + 1
+    asking, answering = boxes.positions[answer], boxes.positions[~answer]
+    assert all(np.array_equal(p, np.arange(p[0], p[-1] + 1)) for p in (asking, answering))
 
     def text(start: int, end: int) -> str:
-        return processor.decode(ids[start:end].tolist())
+        return processor.decode(ids[start:end].tolist()).strip()
 
-    assert text(asking[0][0], asking[0][-1]).lstrip().startswith("What is at [0, 0, 500, 500]?")
-    assert text(asking[0][-1], asking[0][-1] + 32).lstrip().startswith("[0, 0, 500, 1000]")
-    second = text(asking[1][0], asking[1][-1])
-    assert "And the other?" in second and "500" not in second  # not the answer before it
-    assert text(asking[1][-1], asking[1][-1] + 32).lstrip().startswith("[600, 600, 1000, 1000]")
-    assert all(batch.weights[0, p[-1]] > 0 for p in asking)  # the x1 that each "[" writes
+    # A box answer is asked for from the end of the image to its "[", whose output is x1.
+    assert asking[0] == image_positions[-1] + 1 and batch.weights[0, asking[-1]] > 0
+    assert text(asking[0], asking[-1]).startswith("Where is it?")
+    assert text(asking[-1], asking[-1] + 32).startswith("[0, 0, 500, 1000]")
+    # A question's box is asked about from its "]" to the answer's last token.
+    assert text(answering[0], answering[0] + 1) == "]"
+    assert text(answering[0] + 1, answering[-1] + 1).endswith("a square")
+    # ... the last of which predicts the answer's end.
+    assert batch.weights[0, answering[-1]] > 0 and batch.weights[0, answering[-1] + 1] == 0
 
 
 def reference_losses(queries, keys, scale, head, boxes, example_ids):

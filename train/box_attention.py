@@ -8,11 +8,14 @@ boxes barely conditioned on the picture (train/recipes/demo/README.md). This los
 head (`box_attention_head = [layer, head]`) to be that head: at every position that asks for
 a box whose answer carries loss (from the end of what came before, the image or the previous
 answer, through the question to the answer's "["), its attention should fall on the image
-tokens whose cells lie inside the box. Each position adds -log(attention inside the box); a
-box's positions share one weight, and the boxes of a micro-batch are averaged and scaled by
-WEIGHT. Positions that cannot know the name yet ("Where is the") can only learn to look at
-things in general; those after the name can find it. The targets come from the answers
-themselves, so any grounding data in this format supervises it.
+tokens whose cells lie inside the box. A box in a question ("What is at [x1, y1, x2, y2]?",
+MM1.5's referring) is the mirror case: the positions from its "]" to its answer's last token
+must read what lies there, and attend to the same tokens. Each position adds -log(attention
+inside the box); a box's positions share one weight, and the boxes of a micro-batch are
+averaged and scaled by WEIGHT. Positions that cannot know the name yet ("Where is the") can
+only learn to look at things in general; those after the name can find it. The targets come
+from the boxes in the text, so any grounding or referring conversations in this format
+supervise it (not captions, whose boxes follow one another in one trained run).
 """
 
 import re
@@ -46,9 +49,9 @@ class BoxQueries:
 class BoxFinder:
     """Finds the box answers in packed rows (`DataLoader` calls it on each micro-batch)."""
 
-    def __init__(self, processor: Processor, opens_bracket: np.ndarray):
+    def __init__(self, processor: Processor, brackets: np.ndarray):
         self.processor = processor
-        self.opens_bracket = opens_bracket  # bool per token id: its text's last bracket is "["
+        self.brackets = brackets  # per token id: 1 opens a box, 0 closes one (bracket_effects)
         config = processor.config
         self.image_id = config.image_token_id
         self.tokens_per_tile = config.num_image_tokens
@@ -74,15 +77,16 @@ class BoxFinder:
         )
 
     def example_boxes(self, row: Any, start: int, example: Any, seq_len: int):
-        """(the row positions that ask for a box, row positions of the image tokens inside the
-        box), for each trained box answer of the example that lies within the row's inputs."""
+        """(the row positions that ask for or about a box, row positions of the image tokens
+        inside the box), for each box of the example within the row's inputs: a box answer
+        that carries loss, or a box in a question that a trained answer follows."""
         tokens = example.tokens
         images = self.image_cells(start, example)
         for offset, token in enumerate(tokens[:-1]):
             position = start + offset
             if position >= seq_len or not images:
                 break
-            if not self.opens_bracket[token] or not row.weights[position + 1]:
+            if self.brackets[token] != 1:
                 continue
             match = self.box_after(tokens[offset : offset + BOX_TOKENS])
             seen = [image for image in images if image[0][0] < position]
@@ -95,8 +99,12 @@ class BoxFinder:
             left, top, right, bottom = box / 1000 * np.array([*size, *size])
             x, y = centres[:, 0], centres[:, 1]
             cells = positions[(left <= x) & (x <= right) & (top <= y) & (y <= bottom)]
-            if len(cells):
+            if not len(cells):
+                continue
+            if row.weights[position + 1]:
                 yield self.asking(row.weights, row.tokens, position), cells
+            else:
+                yield self.answering(row.weights, row.tokens, position), cells
 
     def asking(self, weights: list[float], tokens: list[int], bracket: int) -> range:
         """The positions from the question to the box's "[": back past the answer's trained
@@ -108,6 +116,21 @@ class BoxFinder:
         while first > 0 and not weights[first - 1] and tokens[first - 1] != self.image_id:
             first -= 1
         return range(first, bracket + 1)
+
+    def answering(self, weights: list[float], tokens: list[int], bracket: int) -> range:
+        """The positions from a question's box to its answer's last token: the box's "]", the
+        rest of the question, the template and the answer, each predicting the next token
+        (none when no trained answer follows)."""
+        close = bracket + 1
+        while close < len(tokens) - 1 and self.brackets[tokens[close]] != 0:
+            close += 1
+        end = close + 1
+        while end < len(tokens) and not weights[end]:
+            end += 1
+        answered = end < len(tokens)
+        while end < len(tokens) and weights[end]:
+            end += 1
+        return range(close, end - 1) if answered else range(0)
 
     def box_after(self, tokens: list[int]) -> re.Match | None:
         """The box that follows the last "[" of the first token's text, if one does (the

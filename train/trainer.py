@@ -692,7 +692,7 @@ def box_finder(recipe: Recipe, model: MM1Model, processor) -> BoxFinder | None:
             f"layers and {heads} heads, not [{layer}, {head}]"
         )
     texts = token_texts(processor.tokenizer, model.config.text_config["vocab_size"])
-    return BoxFinder(processor, bracket_effects(texts) == 1)
+    return BoxFinder(processor, bracket_effects(texts))
 
 
 def make_stage(recipe: Recipe, group: Any) -> Stage:
