@@ -209,3 +209,9 @@ def test_a_head_the_decoder_lacks_is_refused_before_any_work(
     with pytest.raises(UserError, match=error):
         train(recipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dense_stage_refuses_it():
+    overrides = ["train.box_attention=1"]
+    with pytest.raises(UserError, match="a dense stage .* has no answers to look from"):
+        load_recipe(RECIPES / "demo" / "dense.toml", overrides, out="unused")

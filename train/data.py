@@ -62,7 +62,7 @@ class Batch:
     # int32 [rows, seq_len]: which of its row's packed examples each position belongs to
     # (padding: one past the last), or None where examples may attend to each other.
     example_ids: np.ndarray | None = None
-    boxes: BoxQueries | None = None  # the box answers, where the loader looks for them
+    boxes: BoxQueries | None = None  # the boxes asked for or about, where the loader looks
 
     @property
     def token_mask(self) -> np.ndarray:

@@ -89,7 +89,8 @@ class TrainSettings:
     # sit then tells nothing, and the decoder must locate things by what the tokens hold.
     image_token_shuffle: float = 0.0
     # Weight of the loss that teaches one decoder head, [layer, head], to look at the image
-    # tokens inside a box answer from its "[" (train/box_attention.py); 0: off.
+    # tokens inside each box from the positions that ask for it or about it
+    # (train/box_attention.py); 0: off.
     box_attention: float = 0.0
     box_attention_head: tuple[int, int] = (0, 0)
     gradient_checkpointing: bool = False
@@ -397,6 +398,8 @@ def check_dense_stage(recipe: Recipe) -> None:
         raise UserError("optimizer.lr: 'mm1' is a rule for decoders; a dense stage needs a number")
     if recipe.modules.get("decoder", ModuleSettings()).trainable:
         raise UserError("modules.decoder: a dense stage ([dense]) does not train the decoder")
+    if recipe.train.box_attention:
+        raise UserError("train.box_attention: a dense stage ([dense]) has no answers to look from")
 
 
 def global_batch_size(recipe: Recipe) -> int:

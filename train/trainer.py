@@ -676,13 +676,18 @@ def language_stage(recipe: Recipe, group: Any) -> LanguageStage:
 
 
 def box_finder(recipe: Recipe, model: MM1Model, processor) -> BoxFinder | None:
-    """With `train.box_attention`, what finds the box answers, once the head is known to be
-    one of the decoder's."""
+    """With `train.box_attention`, what finds the boxes, once the head is known to be one of
+    the decoder's and its queries and keys can be recorded."""
     settings = recipe.train
     if not settings.box_attention:
         return None
     if settings.gradient_checkpointing:  # the recomputed layers keep no queries and keys
         raise UserError("train.box_attention does not work with train.gradient_checkpointing")
+    if not hasattr(AttentionInputs(model).module, "scaled_dot_product_attention"):
+        raise UserError(
+            f"train.box_attention: decoder {type(model.decoder).__module__} does not attend "
+            "through mlx-lm's scaled_dot_product_attention"
+        )
     layer, head = settings.box_attention_head
     layers = len(model.decoder.layers)
     heads = model.config.text_config.get("num_attention_heads", 0)
