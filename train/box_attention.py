@@ -27,27 +27,29 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.cells import cell_centres
 from mm1_mlx.processor import Processor
 from mm1_mlx.splitting import num_tiles
 
-# The text after a "[" that makes it a box; numbers above 1000 or an empty box are not one.
+# The text after a "[" that makes it a box (checked to be one: within 0..1000, not empty).
 BOX = re.compile(r"\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\]")
 BOX_TOKENS = 32  # "[" and a box, even spelt one character per token (4 x 4 digits, ", ", "]")
 
 
 @dataclass
 class BoxQueries:
-    """The box answers of a micro-batch: where each one's "[" sits, and its targets."""
+    """A micro-batch's boxes: each position that asks for or about one, and its targets."""
 
     rows: np.ndarray  # int32 [Q]: the row of each query
-    positions: np.ndarray  # int32 [Q]: its input position, one of those that ask for a box
+    positions: np.ndarray  # int32 [Q]: its input position
     inside: np.ndarray  # bool [Q, seq_len]: the row's image tokens whose cells lie in the box
     weights: np.ndarray  # float32 [Q]: each box's queries share 1
 
 
 class BoxFinder:
-    """Finds the box answers in packed rows (`DataLoader` calls it on each micro-batch)."""
+    """Finds the boxes asked for or about in packed rows (`DataLoader` calls it on each
+    micro-batch)."""
 
     def __init__(self, processor: Processor, brackets: np.ndarray):
         self.processor = processor
@@ -60,11 +62,11 @@ class BoxFinder:
     def __call__(self, rows: Sequence[Any], seq_len: int) -> BoxQueries:
         """`rows`: the loader's packed rows (tokens, per-token loss weights, examples)."""
         found = [
-            (index, position, cells, 1 / len(asking))
+            (index, position, cells, 1 / len(span))
             for index, row in enumerate(rows)
             for start, example in row.examples
-            for asking, cells in self.example_boxes(row, start, example, seq_len)
-            for position in asking
+            for span, cells in self.example_boxes(row, start, example)
+            for position in span
         ]
         inside = np.zeros((len(found), seq_len), bool)
         for k, (_, _, cells, _) in enumerate(found):
@@ -76,61 +78,66 @@ class BoxFinder:
             weights=np.array([weight for *_, weight in found], np.float32),
         )
 
-    def example_boxes(self, row: Any, start: int, example: Any, seq_len: int):
-        """(the row positions that ask for or about a box, row positions of the image tokens
-        inside the box), for each box of the example within the row's inputs: a box answer
-        that carries loss, or a box in a question that a trained answer follows."""
-        tokens = example.tokens
+    def example_boxes(self, row: Any, start: int, example: Any):
+        """(the row positions that ask for or about a box, the row positions of the image
+        tokens inside it), for each box of the example: a box answer that carries loss, or a
+        box in a question that a trained answer follows."""
         images = self.image_cells(start, example)
-        for offset, token in enumerate(tokens[:-1]):
-            position = start + offset
-            if position >= seq_len or not images:
-                break
-            if self.brackets[token] != 1:
+        end = start + len(example.tokens)
+        for position in range(start, end - 1):
+            if self.brackets[row.tokens[position]] != 1:
                 continue
-            match = self.box_after(tokens[offset : offset + BOX_TOKENS])
-            seen = [image for image in images if image[0][0] < position]
-            if match is None or not seen:
-                continue
-            box = np.array([int(value) for value in match.groups()])
-            positions, centres, size = seen[-1]
-            if np.any(box > 1000) or box[0] >= box[2] or box[1] >= box[3]:
-                continue
-            left, top, right, bottom = box / 1000 * np.array([*size, *size])
-            x, y = centres[:, 0], centres[:, 1]
-            cells = positions[(left <= x) & (x <= right) & (top <= y) & (y <= bottom)]
-            if not len(cells):
+            before = [image for image in images if image[0][0] < position]
+            cells = self.cells_inside(row.tokens[position : position + BOX_TOKENS], before)
+            if cells is None:
                 continue
             if row.weights[position + 1]:
-                yield self.asking(row.weights, row.tokens, position), cells
+                span = self.asking(row.weights, row.tokens, start, position)
             else:
-                yield self.answering(row.weights, row.tokens, position), cells
+                span = self.answering(row.weights, row.tokens, position, end)
+            if len(span):
+                yield span, cells
 
-    def asking(self, weights: list[float], tokens: list[int], bracket: int) -> range:
+    def cells_inside(self, tokens: list[int], images: list) -> np.ndarray | None:
+        """The row positions of the image tokens inside the box that `tokens` (from a "[")
+        spell, in the last of `images`; None when they spell no box or no cell lies in it."""
+        match = self.box_after(tokens)
+        if match is None or not images:
+            return None
+        box = np.array([int(value) for value in match.groups()])
+        if np.any(box > COORDINATE_MAX) or box[0] >= box[2] or box[1] >= box[3]:
+            return None
+        positions, centres, size = images[-1]
+        left, top, right, bottom = box / COORDINATE_MAX * np.array([*size, *size])
+        x, y = centres[:, 0], centres[:, 1]
+        cells = positions[(left <= x) & (x <= right) & (top <= y) & (y <= bottom)]
+        return cells if len(cells) else None
+
+    def asking(self, weights: list[float], tokens: list[int], start: int, bracket: int) -> range:
         """The positions from the question to the box's "[": back past the answer's trained
         tokens before the "[", then past the untrained ones (the question, the template) to
-        the previous answer or an image token."""
+        the previous answer, an image token or the example's start."""
         first = bracket
-        while first > 0 and weights[first - 1]:
+        while first > start and weights[first - 1]:
             first -= 1
-        while first > 0 and not weights[first - 1] and tokens[first - 1] != self.image_id:
+        while first > start and not weights[first - 1] and tokens[first - 1] != self.image_id:
             first -= 1
         return range(first, bracket + 1)
 
-    def answering(self, weights: list[float], tokens: list[int], bracket: int) -> range:
+    def answering(self, weights: list[float], tokens: list[int], bracket: int, end: int) -> range:
         """The positions from a question's box to its answer's last token: the box's "]", the
         rest of the question, the template and the answer, each predicting the next token
-        (none when no trained answer follows)."""
+        (none when no trained answer follows before the example's `end`)."""
         close = bracket + 1
-        while close < len(tokens) - 1 and self.brackets[tokens[close]] != 0:
+        while close < end - 1 and self.brackets[tokens[close]] != 0:
             close += 1
-        end = close + 1
-        while end < len(tokens) and not weights[end]:
-            end += 1
-        answered = end < len(tokens)
-        while end < len(tokens) and weights[end]:
-            end += 1
-        return range(close, end - 1) if answered else range(0)
+        answer = close + 1
+        while answer < end and not weights[answer]:
+            answer += 1
+        last = answer
+        while last + 1 < end and weights[last + 1]:
+            last += 1
+        return range(close, last) if answer < end else range(0)
 
     def box_after(self, tokens: list[int]) -> re.Match | None:
         """The box that follows the last "[" of the first token's text, if one does (the
