@@ -9,7 +9,7 @@ writes in 0..1000. Two linear heads on the connector's output read the targets; 
 encoder and the connector are kept.
 
 The tiles come from the model's own processor (MM1.5 splitting included), so each token's cell
-maps back to the image: tile pixel -> canvas -> image pixel (`cell_centres`).
+maps back to the image: tile pixel -> canvas -> image pixel (`mm1_mlx/cells.py`).
 """
 
 import random
