@@ -18,7 +18,6 @@ from mm1_mlx.train.box_attention import (
     BoxQueries,
     box_attention_losses,
 )
-from mm1_mlx.train.coordinates import bracket_effects, token_texts
 from mm1_mlx.train.data import DataLoader
 from mm1_mlx.train.recipe import load_recipe
 from mm1_mlx.train.sources import SourceConfig
@@ -56,8 +55,7 @@ def write_boxes(folder: Path, n: int) -> Path:
 
 
 def finder_for(processor, model) -> BoxFinder:
-    texts = token_texts(processor.tokenizer, model.config.text_config["vocab_size"])
-    return BoxFinder(processor, bracket_effects(texts))
+    return BoxFinder.for_tokenizer(processor, model.config.text_config["vocab_size"])
 
 
 def test_the_finder_marks_who_asks_for_or_about_each_box_and_the_tokens_inside_it(

@@ -31,6 +31,7 @@ from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.cells import cell_centres
 from mm1_mlx.processor import Processor
 from mm1_mlx.splitting import num_tiles
+from mm1_mlx.train.coordinates import bracket_effects, token_texts
 
 # The text after a "[" that makes it a box (checked to be one: within 0..1000, not empty).
 BOX = re.compile(r"\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\]")
@@ -59,6 +60,10 @@ class BoxFinder:
         self.tokens_per_tile = config.num_image_tokens
         self.side = round(config.num_image_tokens**0.5)
 
+    @classmethod
+    def for_tokenizer(cls, processor: Processor, vocab_size: int) -> "BoxFinder":
+        return cls(processor, bracket_effects(token_texts(processor.tokenizer, vocab_size)))
+
     def __call__(self, rows: Sequence[Any], seq_len: int) -> BoxQueries:
         """`rows`: the loader's packed rows (tokens, per-token loss weights, examples)."""
         found = [
@@ -82,6 +87,8 @@ class BoxFinder:
         """(the row positions that ask for or about a box, the row positions of the image
         tokens inside it), for each box of the example: a box answer that carries loss, or a
         box in a question that a trained answer follows."""
+        if not np.any(self.brackets[example.tokens] == 1):  # most examples: no box to place
+            return
         images = self.image_cells(start, example)
         end = start + len(example.tokens)
         for position in range(start, end - 1):

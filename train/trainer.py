@@ -42,7 +42,7 @@ from mm1_mlx.loading import (
 from mm1_mlx.model import MM1Model
 from mm1_mlx.quantize import quantize_model
 from mm1_mlx.train.box_attention import AttentionInputs, BoxFinder, mean_box_attention_loss
-from mm1_mlx.train.coordinates import CoordinateSmoothing, bracket_effects, token_texts
+from mm1_mlx.train.coordinates import CoordinateSmoothing, token_texts
 from mm1_mlx.train.data import Batch, DataLoader
 from mm1_mlx.train.lora import apply_lora, fuse_lora
 from mm1_mlx.train.moe import RouterLosses
@@ -696,8 +696,7 @@ def box_finder(recipe: Recipe, model: MM1Model, processor) -> BoxFinder | None:
             f"train.box_attention_head must be [layer, head] within the decoder's {layers} "
             f"layers and {heads} heads, not [{layer}, {head}]"
         )
-    texts = token_texts(processor.tokenizer, model.config.text_config["vocab_size"])
-    return BoxFinder(processor, bracket_effects(texts))
+    return BoxFinder.for_tokenizer(processor, model.config.text_config["vocab_size"])
 
 
 def make_stage(recipe: Recipe, group: Any) -> Stage:
