@@ -3,8 +3,8 @@
 #   [RANKS=N] [DENSE_ARGS="..."] bash train/recipes/demo/build.sh [WORK_DIR] [IMAGES_PER_HALF] \
 #       [EVAL_PER_TASK] [TRAIN_ARGS...]
 # TRAIN_ARGS go to the pre-training and both SFT stages, DENSE_ARGS to the dense stage (the
-# tests shorten the run with --set). RANKS: data-parallel ranks of every training stage; on Linux's
-# CPU backend 2 (on a 2-core machine 2 ranks train 1.4-1.6x faster than one process:
+# tests shorten the run with --set). RANKS: data-parallel ranks of every training stage; on
+# Linux's CPU backend 2 (on a 2-core machine 2 ranks train 1.4-1.6x faster than one process:
 # benchmarks/demo_training.py), on a Mac 1 (one GPU).
 # Every stage can be interrupted and continued: re-running this script (or
 # `mm1-mlx train ... --resume`) continues exactly where the last checkpoint left off.
