@@ -3,6 +3,7 @@ offline, and right about held-out images of the synthetic world; and its recipe 
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -13,6 +14,7 @@ import pytest
 from helpers import run_cli
 from PIL import Image
 
+from mm1_mlx.boxes import format_box
 from mm1_mlx.evaluate import evaluate, is_correct, load_examples, whole_box
 from mm1_mlx.loading import DEMO_MODEL, load
 from mm1_mlx.processor import read_image_size
@@ -20,7 +22,6 @@ from mm1_mlx.train import synth
 from mm1_mlx.train.synth import TASKS, write_eval
 
 ROOT = Path(__file__).resolve().parent.parent
-SEND_BUTTON = "[388, 309, 831, 425]"  # examples/screen.png: synth.sample_screen_scene, seed 8
 # Per question type, what the shipped model must keep reaching on a fresh held-out sample of
 # 25: its 200-per-type accuracy (README.md; benchmarks/demo_eval.py) less 3 standard errors of
 # a 25-example sample, rounded down to 0.05 and at least 0.05 (title and compare: 100% and
@@ -106,15 +107,18 @@ def test_chat_without_a_model_reads_the_title_offline(offline):
 
 
 def test_chat_without_a_model_finds_the_send_button_and_draws_it_offline(offline, tmp_path):
-    """The README's main command: one box, right (IoU >= 0.5 with the Send button's box in
-    the generator's 0..1000 coordinates), drawn on the image."""
+    """The README's main command: one box, right (IoU >= 0.5 with the Send button's box, as the
+    generator drew examples/screen.png: seed 8), drawn on the image."""
+    scene = synth.sample_screen_scene(random.Random(8))
+    assert Image.open(ROOT / "examples/screen.png").size == scene.size
+    send = next(button for button in scene.buttons if button.label == "Send")
     out = tmp_path / "send.png"
     code, answer, err = run_cli(
         "chat", "--image", str(ROOT / "examples/screen.png"), "--annotate", str(out),
         "Where is the Send button?",
     )  # fmt: skip
     assert code == 0, err
-    assert is_correct(answer, SEND_BUTTON, (160, 320)), answer
+    assert is_correct(answer, format_box(send.box, scene.size), scene.size), answer
     assert "drew 1 box" in err and Image.open(out).size == (160, 320)
 
 
