@@ -6,7 +6,9 @@ stage gives every image token a target of its own before any language training: 
 under the centre of the token's cell (one of `synth.THING_NAMES`, or nothing) and, under a
 thing, that thing's box in the whole image's 0..1 coordinates, the numbers a grounded answer
 writes in 0..1000. Two linear heads on the connector's output read the targets; only the
-encoder and the connector are kept.
+encoder and the connector are kept. With `word_weight`, each thing's tokens also name its words
+("red", "circle"; a title; a label) in the decoder's own embeddings of them, so that a
+question's word and the image tokens of the thing it names start in one code.
 
 The tiles come from the model's own processor (MM1.5 splitting included), so each token's cell
 maps back to the image: tile pixel -> canvas -> image pixel (`mm1_mlx/cells.py`).
@@ -39,6 +41,30 @@ from mm1_mlx.train.trainer import save_final_model
 
 CLASSES = ("nothing", *synth.THING_NAMES)
 CLASS_IDS = {name: k for k, name in enumerate(CLASSES)}
+# The words the classes are named by, in groups whose words compete: a shape names a colour
+# and a kind, a title its title and a button its label.
+WORD_GROUPS = (tuple(synth.COLORS), synth.KINDS, synth.TITLES, synth.LABELS)
+
+
+def class_words(name: str) -> list[str]:
+    """ "red circle" -> red, circle; "title Photos" -> Photos; "button Send" -> Send."""
+    words = name.split()
+    if words[0] == "nothing":
+        return []
+    return words[1:] if words[0] in ("title", "button") else words
+
+
+def word_targets() -> np.ndarray:
+    """[groups, classes]: each class's word in each group, -1 where it has none."""
+    table = np.full((len(WORD_GROUPS), len(CLASSES)), -1, np.int32)
+    for class_id, name in enumerate(CLASSES):
+        for word in class_words(name):
+            group = next(g for g, words in enumerate(WORD_GROUPS) if word in words)
+            table[group, class_id] = WORD_GROUPS[group].index(word)
+    return table
+
+
+WORD_TARGETS = word_targets()
 
 
 @dataclass
@@ -161,13 +187,15 @@ class DenseOutputs(NamedTuple):
     boxes: mx.array  # [tiles, tokens, 4] in 0..1
     coordinates: mx.array | None  # [tiles, tokens, 4, 1001] logits over the number tokens
     reading: mx.array | None  # [tiles, patches, classes] logits of the conv embedding alone
+    words: list[mx.array] | None  # per word group: [tiles, tokens, words] logits
 
 
 class DenseHeads(nn.Module):
     """The model's encoder and connector (shared, not copied) with linear heads on each token:
     its class and its box; the box's coordinates as the decoder writes them (tokenizers with a
-    token per integer 0..1000); and, for an encoder with a convolutional embedding, a class
-    per patch read from that embedding alone."""
+    token per integer 0..1000); the thing's words, each token's dot product with the decoder's
+    embeddings of them (tokenizers with a token per word after a space); and, for an encoder
+    with a convolutional embedding, a class per patch read from that embedding alone."""
 
     def __init__(self, model: MM1Model, tokenizer: Any):
         super().__init__()
@@ -183,6 +211,10 @@ class DenseHeads(nn.Module):
             plain, spaced = (model.token_embedding.weight[mx.array(ids)] for ids in numbers)
             self._numbers = mx.stack([plain, spaced, spaced, spaced])
             self.coordinates = nn.Linear(width, 4 * width, bias=False)
+        words = word_token_ids(tokenizer)
+        # As a question writes them, after a space. Not trained here, and no head between: the
+        # tokens themselves are to hold the words' embeddings.
+        self._words = words and [model.token_embedding.weight[mx.array(ids)] for ids in words]
         if self.vision.config.conv_channels:
             self.reading = nn.Linear(self.vision.config.width, len(CLASSES))
 
@@ -197,7 +229,19 @@ class DenseHeads(nn.Module):
         if "coordinates" in self:
             codes = self.coordinates(tokens).reshape(*tokens.shape[:-1], 4, tokens.shape[-1])
             coordinates = mx.einsum("tckw,knw->tckn", codes, self._numbers)
-        return DenseOutputs(self.classes(tokens), self.boxes(tokens), coordinates, reading)
+        words = self._words and [tokens @ embeddings.T for embeddings in self._words]
+        return DenseOutputs(self.classes(tokens), self.boxes(tokens), coordinates, reading, words)
+
+
+def word_token_ids(tokenizer: Any) -> list[list[int]] | None:
+    """Per word group, the token ids of its words after a space; None unless each is one."""
+    ids = [
+        [tokenizer.encode(" " + word, add_special_tokens=False) for word in words]
+        for words in WORD_GROUPS
+    ]
+    if any(len(word) != 1 for words in ids for word in words):
+        return None
+    return [[word[0] for word in words] for words in ids]
 
 
 def class_weights(button_weight: float) -> np.ndarray:
@@ -242,7 +286,29 @@ def dense_loss(
         on_text = batch.text_classes > 0
         reading_error = nn.losses.cross_entropy(outputs.reading, batch.text_classes) * on_text
         loss += settings.reading_weight * reading_error.sum() / text
+    if outputs.words is not None and settings.word_weight:
+        loss += settings.word_weight * word_errors(outputs.words, batch.classes).sum() / things
     return loss
+
+
+def word_errors(words: list[mx.array], classes: mx.array) -> mx.array:
+    """[tiles, tokens]: the sum of the cross-entropies of a cell's words, each within its
+    group (0 for nothing)."""
+    errors = mx.zeros(classes.shape)
+    for logits, table in zip(words, WORD_TARGETS, strict=True):
+        targets = mx.array(table)[classes]
+        named = targets >= 0
+        errors += nn.losses.cross_entropy(logits, mx.maximum(targets, 0)) * named
+    return errors
+
+
+def words_right(words: list[mx.array], classes: mx.array) -> mx.array:
+    """[tiles, tokens]: whether every word of a cell's class is its group's highest logit."""
+    right = mx.ones(classes.shape, mx.bool_)
+    for logits, table in zip(words, WORD_TARGETS, strict=True):
+        targets = mx.array(table)[classes]
+        right &= (targets < 0) | (logits.argmax(-1) == targets)
+    return right
 
 
 def gaussian_targets(boxes: mx.array, sigma: float) -> mx.array:
@@ -257,8 +323,10 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
     """Cell accuracy per group of classes, the mean box-coordinate error on things (in the
     answers' 0..1000 units) of the box head and of the written coordinates and, on the patches
     over text, the accuracy of the reading head
-    and (where tokens and patches are the same cells) of the class head."""
-    parts = {"predicted": [], "true": [], "errors": [], "written": [], "read": [], "text": []}
+    and (where tokens and patches are the same cells) of the class head; on things, how often
+    the tokens name every word of their thing."""
+    names = ("predicted", "true", "errors", "written", "read", "text", "words")
+    parts = {name: [] for name in names}
     for batch in batches:
         outputs = net(batch.pixels)
         parts["predicted"].append(outputs.classes.argmax(-1))
@@ -270,7 +338,9 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
             parts["written"].append(mx.abs(written).mean(-1))
         if outputs.reading is not None:
             parts["read"].append(outputs.reading.argmax(-1))
-    predicted, true, errors, written, read, text = (
+        if outputs.words is not None:
+            parts["words"].append(words_right(outputs.words, batch.classes))
+    predicted, true, errors, written, read, text, words = (
         np.concatenate([np.array(part).ravel() for part in arrays]) if arrays else None
         for arrays in parts.values()
     )
@@ -284,6 +354,8 @@ def validate(net: DenseHeads, batches: list[TileBatch]) -> dict[str, float]:
         metrics["box_error"] = float(errors[true > 0].mean())
     if (true > 0).any() and written is not None:
         metrics["coordinate_error"] = float(written[true > 0].mean())
+    if (true > 0).any() and words is not None:
+        metrics["word_accuracy"] = float(words[true > 0].mean())
     on_text = text > 0
     if on_text.any() and len(text) == len(true):
         metrics["text_accuracy"] = float((predicted == text)[on_text].mean())

@@ -141,6 +141,10 @@ class DenseSettings:
     # 20, against a floor of 15) dominated the clipped gradient and slowed the class heads.
     coordinate_weight: float = 0.25
     coordinate_sigma: float = 10.0
+    # Tokenizers with one token per word after a space: each thing cell also names its words
+    # (colour and kind, title, label) by its dot product with the decoder's own embeddings of
+    # them, so that image tokens and the question's words start in one code.
+    word_weight: float = 0.0
 
 
 @dataclass
@@ -268,6 +272,7 @@ RULES: dict[tuple[type, str], Rule] = {
     (DenseSettings, "reading_weight"): number(0, 1000),
     (DenseSettings, "coordinate_weight"): number(0, 1000),
     (DenseSettings, "coordinate_sigma"): number(0, 1000, open_low=True),
+    (DenseSettings, "word_weight"): number(0, 1000),
     (CheckpointSettings, "every"): integer(1),
     (CheckpointSettings, "keep"): integer(1),
     (LogSettings, "every"): integer(1),
