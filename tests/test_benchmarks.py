@@ -32,7 +32,7 @@ def run_benchmark(name: str, *args: str) -> str:
 def test_every_benchmark_has_a_smoke_test():
     tested = ["conv_pooling", "demo_eval", "demo_training", "encoder_probe",
               "grounding_attention", "grounding_probe", "grounding_trace", "inference",
-              "openblas_matmul", "spec_renderer", "training"]  # fmt: skip
+              "list_errors", "openblas_matmul", "spec_renderer", "training"]  # fmt: skip
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
 
 
@@ -122,6 +122,30 @@ def test_demo_eval(tmp_path):
     styles = (*STYLES, "independent")
     assert all(results[task][style]["n"] == 1 for task in TASKS for style in styles)
     assert all(f"| {task} |" in out for task in TASKS)
+
+
+def test_list_errors():
+    out = run_benchmark("list_errors.py", "--n", "4")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    assert [row[0] for row in rows[1:]] == ["| describe", "| list_buttons"]
+    assert all(sum(int(cell.strip(" |")) for cell in row[1:]) == 4 for row in rows[1:])
+
+
+def test_list_errors_sorts_a_wrong_list_by_what_went_wrong():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from list_errors import KINDS, error_kind
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    truth = "a red circle, a blue square and a blue circle"
+    wrong_count, repeats, wrong_order, wrong_thing = KINDS
+    assert error_kind("a red circle and a blue square", truth) == wrong_count
+    assert error_kind("a red circle, a red circle and a blue circle", truth) == repeats
+    assert error_kind("a blue square, a red circle and a blue circle", truth) == wrong_order
+    assert error_kind("a red circle, a blue square and a red square", truth) == wrong_thing
+    assert error_kind("Send, Send", "Send, Back") == repeats
+    assert error_kind("Send, Send", "Send, Send, Back") == wrong_count
+    assert error_kind("Send, Send, Back", "Send, Back, Send") == wrong_order
 
 
 @pytest.mark.slow
