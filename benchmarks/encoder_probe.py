@@ -9,7 +9,10 @@ three quarters of the scenes is scored on the last quarter, per question: the co
 and both, of the shape under a token; the screen's title under a title-bar token; the label
 under a button token. Chance is 1/6, 1/3, 1/18, 1/8 and 1/10. The last column is a ridge
 regression of the shape's box from the same tokens: the mean error of a coordinate in the
-answers' 0..1000 units (a grounded answer must copy it out).
+answers' 0..1000 units (a grounded answer must copy it out). "word code", with no probe
+trained: the share of all these tokens (shapes, titles, buttons) whose dot products with the
+model's own embeddings of the words (" red", " circle", " Send", ...) name every word of their
+thing, each among its group's words (`train/dense.py`'s word head; chance 1/18, 1/8, 1/10).
 """
 
 import argparse
@@ -17,11 +20,19 @@ import random
 import tempfile
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from mm1_mlx.loading import load
 from mm1_mlx.train import synth
-from mm1_mlx.train.dense import CLASSES, SceneImage, TileBatcher
+from mm1_mlx.train.dense import (
+    CLASS_IDS,
+    CLASSES,
+    SceneImage,
+    TileBatcher,
+    word_token_ids,
+    words_right,
+)
 
 RIDGE = 10.0
 
@@ -70,9 +81,21 @@ def probe_accuracy(tokens: np.ndarray, labels: np.ndarray, train: np.ndarray) ->
     return float((predicted == targets[~train].argmax(1)).mean())
 
 
+def word_code(model, processor, tokens: np.ndarray, names: np.ndarray) -> float:
+    """The share of `tokens` that name their thing's words in the decoder's own embeddings."""
+    ids = word_token_ids(processor.tokenizer)
+    if ids is None:
+        return float("nan")
+    table = model.token_embedding.weight
+    logits = [mx.array(tokens) @ table[mx.array(group)].T for group in ids]
+    classes = mx.array([CLASS_IDS[name] for name in names])
+    return float(np.array(words_right(logits, classes)).mean())
+
+
 def probes(model, processor, shapes, screens) -> dict[str, float]:
     results = {}
     tokens, names, boxes, scene_of = thing_tokens(model, processor, shapes)
+    shape_tokens, shape_names = tokens, names
     train = scene_of < 0.75 * len(shapes)
     for question, part in (("colour", 0), ("kind", 1), ("colour+kind", None)):
         labels = names if part is None else np.array([name.split()[part] for name in names])
@@ -84,6 +107,8 @@ def probes(model, processor, shapes, screens) -> dict[str, float]:
         rows = np.array([name.startswith(question) for name in names])
         results[question] = probe_accuracy(tokens[rows], names[rows], train[rows])
     results["box error"] = float(box_error)
+    all_tokens = np.concatenate([shape_tokens, tokens])
+    results["word code"] = word_code(model, processor, all_tokens, np.append(shape_names, names))
     return results
 
 

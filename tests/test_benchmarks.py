@@ -152,7 +152,9 @@ def test_list_errors_sorts_a_wrong_list_by_what_went_wrong():
 def test_encoder_probe():
     out = run_benchmark("encoder_probe.py", str(DEMO_MODEL), "--n", "8")
     header, _, row = out.strip().splitlines()[-3:]
-    assert header.startswith("| model | colour | kind |") and header.endswith("box error |")
+    assert header.startswith("| model | colour | kind |") and header.endswith(
+        "box error | word code |"
+    )
     assert row.startswith(f"| {DEMO_MODEL} |")
 
 
