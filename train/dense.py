@@ -47,7 +47,8 @@ WORD_GROUPS = (tuple(synth.COLORS), synth.KINDS, synth.TITLES, synth.LABELS)
 
 
 def class_words(name: str) -> list[str]:
-    """ "red circle" -> red, circle; "title Photos" -> Photos; "button Send" -> Send."""
+    """A class's words: "red circle" -> red, circle; "title Photos" -> Photos; "button Send"
+    -> Send; nothing -> none."""
     words = name.split()
     if words[0] == "nothing":
         return []
@@ -214,7 +215,8 @@ class DenseHeads(nn.Module):
         words = word_token_ids(tokenizer)
         # As a question writes them, after a space. Not trained here, and no head between: the
         # tokens themselves are to hold the words' embeddings.
-        self._words = words and [model.token_embedding.weight[mx.array(ids)] for ids in words]
+        table = model.token_embedding.weight
+        self._words = None if words is None else [table[mx.array(ids)] for ids in words]
         if self.vision.config.conv_channels:
             self.reading = nn.Linear(self.vision.config.width, len(CLASSES))
 
@@ -229,7 +231,7 @@ class DenseHeads(nn.Module):
         if "coordinates" in self:
             codes = self.coordinates(tokens).reshape(*tokens.shape[:-1], 4, tokens.shape[-1])
             coordinates = mx.einsum("tckw,knw->tckn", codes, self._numbers)
-        words = self._words and [tokens @ embeddings.T for embeddings in self._words]
+        words = None if self._words is None else [tokens @ table.T for table in self._words]
         return DenseOutputs(self.classes(tokens), self.boxes(tokens), coordinates, reading, words)
 
 
