@@ -20,6 +20,9 @@ import random
 import tempfile
 from pathlib import Path
 
+import mm1_mlx  # noqa: F401  (first: it loads OpenBLAS, which must precede mlx.core)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 

@@ -18,7 +18,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def run_benchmark(name: str, *args: str) -> str:
-    """The script's standard output; it must exit 0."""
+    """The script's standard output; it must exit 0, with MLX on OpenBLAS (mm1_mlx imported
+    before mlx.core)."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / name), *args],
         capture_output=True,
@@ -26,6 +27,7 @@ def run_benchmark(name: str, *args: str) -> str:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "mlx was imported before mm1_mlx" not in result.stderr
     return result.stdout
 
 
