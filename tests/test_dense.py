@@ -6,6 +6,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
+from builders import make_tokenizer
 from helpers import init_model_folder, run_cli
 from mlx.utils import tree_flatten
 from PIL import Image
@@ -309,6 +310,16 @@ def test_a_batch_larger_than_the_training_scenes_is_refused_before_work(tmp_path
     write_scenes(tmp_path / "data", 12)  # 10 to train on, 2 held out (a fifth)
     recipe = dense_recipe(tmp_path, DEMO_MODEL, "out", "dense.batch_size=11")
     with pytest.raises(UserError, match="dense.batch_size 11 is more than the 10 training scenes"):
+        train(recipe)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_word_loss_without_one_token_per_word_is_refused_before_work(tmp_path):
+    make_tokenizer(tmp_path / "tokenizer")
+    init_model_folder(DEMO_MODEL / "config.json", tmp_path / "tokenizer", tmp_path / "model")
+    write_scenes(tmp_path / "data", 12)
+    recipe = dense_recipe(tmp_path, tmp_path / "model", "out", "dense.word_weight=1")
+    with pytest.raises(UserError, match="dense.word_weight needs a tokenizer with one token"):
         train(recipe)
     assert not (tmp_path / "out").exists()
 

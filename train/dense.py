@@ -410,6 +410,11 @@ class DenseStage:
         self.settings, self.recipe, self.group = settings, recipe, group
         mx.random.seed(recipe.seed)  # the heads start the same on every rank
         self.model, processor = load(recipe.model)
+        if settings.word_weight and word_token_ids(processor.tokenizer) is None:
+            raise UserError(
+                "dense.word_weight needs a tokenizer with one token for each word after a space "
+                f"(' red', ' circle', ' Send', ...); {recipe.model}'s has not"
+            )
         freeze_modules(self.model, recipe.modules)
         self.trained = DenseHeads(self.model, processor.tokenizer)  # no decoder: no gradients
         self.batcher = TileBatcher(processor, self.model.config.num_image_tokens)
