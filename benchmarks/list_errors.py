@@ -64,7 +64,7 @@ def main() -> None:
         )
         cells = [f"{len(mine) - sum(wrong.values())}", *(f"{wrong[kind]}" for kind in KINDS)]
         print(f"| {task} | {' | '.join(cells)} |")
-    print(f"\n{len(mine)} questions per type")
+    print(f"\n{args.n // len(STYLES) * len(STYLES)} questions per type")
 
 
 if __name__ == "__main__":

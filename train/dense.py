@@ -297,18 +297,20 @@ def word_errors(words: list[mx.array], classes: mx.array) -> mx.array:
     """[tiles, tokens]: the sum of the cross-entropies of a cell's words, each within its
     group (0 for nothing)."""
     errors = mx.zeros(classes.shape)
-    for logits, table in zip(words, WORD_TARGETS, strict=True):
-        targets = mx.array(table)[classes]
-        named = targets >= 0
-        errors += nn.losses.cross_entropy(logits, mx.maximum(targets, 0)) * named
+    for logits, targets in zip(words, group_targets(classes), strict=True):
+        errors += nn.losses.cross_entropy(logits, mx.maximum(targets, 0)) * (targets >= 0)
     return errors
+
+
+def group_targets(classes: mx.array) -> list[mx.array]:
+    """Per word group, each cell's word in it ([tiles, tokens]; -1 where it has none)."""
+    return [mx.array(table)[classes] for table in WORD_TARGETS]
 
 
 def words_right(words: list[mx.array], classes: mx.array) -> mx.array:
     """[tiles, tokens]: whether every word of a cell's class is its group's highest logit."""
     right = mx.ones(classes.shape, mx.bool_)
-    for logits, table in zip(words, WORD_TARGETS, strict=True):
-        targets = mx.array(table)[classes]
+    for logits, targets in zip(words, group_targets(classes), strict=True):
         right &= (targets < 0) | (logits.argmax(-1) == targets)
     return right
 
