@@ -46,10 +46,14 @@ def to_pixels(value: float, extent: int) -> float:
     return min(COORDINATE_MAX, max(0.0, value)) / COORDINATE_MAX * extent
 
 
+def to_coordinates(coords_px: tuple[float, ...], image_size: Size) -> list[int]:
+    """Pixel coordinates x, y, x, y, ... -> the same in 0-1000 coordinates."""
+    return [to_coordinate(v, image_size[i % 2]) for i, v in enumerate(coords_px)]
+
+
 def _format(coords_px: tuple[float, ...], image_size: Size) -> str:
     """Pixel coordinates x, y, x, y, ... -> "[x, y, ...]" in 0-1000 coordinates."""
-    values = [to_coordinate(v, image_size[i % 2]) for i, v in enumerate(coords_px)]
-    return "[" + ", ".join(map(str, values)) + "]"
+    return "[" + ", ".join(map(str, to_coordinates(coords_px, image_size))) + "]"
 
 
 def format_point(point_px: tuple[float, float], image_size: Size) -> str:

@@ -58,6 +58,16 @@ def finder_for(processor, model) -> BoxFinder:
     return BoxFinder.for_tokenizer(processor, model.config.text_config["vocab_size"])
 
 
+def first_batch(folder: Path, tiny_model, messages: list[dict], seq_len: int):
+    """The batch of one chat about folder/a.png, with its boxes found."""
+    model, processor = tiny_model
+    record = {"images": ["a.png"], "messages": messages}
+    (folder / "chat.jsonl").write_text(json.dumps(record) + "\n")
+    source = SourceConfig(str(folder / "chat.jsonl"), "chat")
+    finder = finder_for(processor, model)
+    return DataLoader([source], processor, seq_len, 1, box_finder=finder).next_batch()
+
+
 def test_the_finder_marks_who_asks_for_or_about_each_box_and_the_tokens_inside_it(
     tiny_model, tmp_path
 ):
@@ -72,16 +82,7 @@ def test_the_finder_marks_who_asks_for_or_about_each_box_and_the_tokens_inside_i
         {"role": "user", "content": "And at [5, 5, 1200, 9] or [9, 9, 9, 9]?"},
         {"role": "assistant", "content": "nothing"},
     ]
-    record = {"images": ["a.png"], "messages": messages}
-    (tmp_path / "chat.jsonl").write_text(json.dumps(record) + "\n")
-    loader = DataLoader(
-        [SourceConfig(str(tmp_path / "chat.jsonl"), "chat")],
-        processor,
-        seq_len=160,
-        batch_size=1,
-        box_finder=finder_for(processor, model),
-    )
-    batch = loader.next_batch()
+    batch = first_batch(tmp_path, (model, processor), messages, seq_len=160)
     boxes, ids = batch.boxes, batch.input_ids[0]
     assert not boxes.rows.any()
     image_positions = np.flatnonzero(ids == model.config.image_token_id)
@@ -106,6 +107,35 @@ def test_the_finder_marks_who_asks_for_or_about_each_box_and_the_tokens_inside_i
     assert text(answering[0] + 1, answering[-1] + 1).endswith("a square")
     # ... the last of which predicts the answer's end.
     assert batch.weights[0, answering[-1]] > 0 and batch.weights[0, answering[-1] + 1] == 0
+
+
+def test_each_phrase_box_of_an_answer_asks_for_its_thing_while_the_phrase_is_written(
+    tiny_model, tmp_path
+):
+    model, processor = tiny_model
+    Image.new("RGB", (48, 48), "white").save(tmp_path / "a.png")
+    answer = "a red square and a blue circle"
+    boxes = [  # the left half, then the bottom right quadrant
+        {"span": [0, 12], "box": [0, 0, 500, 1000]},
+        {"span": [17, 30], "box": [600, 600, 1000, 1000]},
+    ]
+    messages = [
+        {"role": "user", "content": "<image>\nDescribe it."},
+        {"role": "assistant", "content": answer, "boxes": boxes},
+    ]
+    batch = first_batch(tmp_path, (model, processor), messages, seq_len=80)
+    found, ids = batch.boxes, batch.input_ids[0]
+    image_positions = np.flatnonzero(ids == model.config.image_token_id)
+    first = found.inside[:, image_positions[0]]  # the first box holds the top left cell
+    for phrase, cells, asking in (("a red square", [0, 2], first), ("a blue circle", [3], ~first)):
+        assert all(np.flatnonzero(inside).tolist() == image_positions[cells].tolist()
+                   for inside in found.inside[asking])  # fmt: skip
+        positions = found.positions[asking]
+        assert np.array_equal(positions, np.arange(positions[0], positions[-1] + 1))
+        # The positions predict exactly the phrase's tokens: the first is the one before it.
+        predicted = processor.decode(batch.targets[0, positions].tolist())
+        assert predicted.strip() == phrase and batch.weights[0, positions].all()
+        assert np.isclose(found.weights[asking].sum(), 1)
 
 
 def reference_losses(queries, keys, scale, head, boxes, example_ids):

@@ -423,6 +423,15 @@ def turns(*roles: str) -> dict:
     return {"messages": [{"role": role, "content": f"a {role} turn"} for role in roles]}
 
 
+BOX = [0, 0, 500, 500]
+
+
+def answered(question: dict | None = None, **answer) -> dict:
+    """A chat asking "hi" and answering "a red", with keys added to either message."""
+    question = {"role": "user", "content": "hi", **(question or {})}
+    return {"messages": [question, {"role": "assistant", "content": "a red", **answer}]}
+
+
 # (case, format, a line of the wrong shape, what the error says)
 BAD_SHAPES = [
     ("chat opened by the assistant", "chat", turns("assistant", "user"),
@@ -438,6 +447,23 @@ BAD_SHAPES = [
     ("chat message of an unknown key", "chat",
      {"messages": [{"role": "user", "content": "hi", "weight": 0}]},
      "a chat message's keys are role, content, name, not 'weight'"),
+    ("phrase boxes on a question", "chat", answered({"role": "user", "boxes": []}),
+     "only an assistant message with text content has boxes"),
+    ("phrase boxes not a list", "chat", answered(boxes={"span": [0, 1]}),
+     "a message's boxes are a list, not {'span': [0, 1]}"),
+    ("phrase box of an unknown key", "chat", answered(boxes=[{"span": [0, 1], "at": 2}]),
+     "a phrase box is {span, box}"),
+    ("phrase span past the answer", "chat", answered(boxes=[{"span": [2, 9], "box": BOX}]),
+     "a phrase span is [start, end] of the content: [2, 9]"),
+    ("phrase span empty", "chat", answered(boxes=[{"span": [1, 1], "box": BOX}]),
+     "a phrase span is [start, end] of the content"),
+    ("phrase box past 1000", "chat", answered(boxes=[{"span": [0, 1], "box": [0, 0, 9, 1001]}]),
+     "a phrase box is [x1, y1, x2, y2] in 0..1000: [0, 0, 9, 1001]"),
+    ("phrase box of three numbers", "chat", answered(boxes=[{"span": [0, 1], "box": [0, 0, 9]}]),
+     "a phrase box is [x1, y1, x2, y2]"),
+    ("phrase box of booleans", "chat",
+     answered(boxes=[{"span": [0, 1], "box": [False, False, True, True]}]),
+     "a phrase box is [x1, y1, x2, y2]"),
     ("interleaved part both text and image", "interleaved",
      {"content": [{"text": "red", "image": "a.png"}]}, "a content part is {text} or {image}"),
 ]  # fmt: skip

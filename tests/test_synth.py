@@ -11,7 +11,7 @@ import pytest
 from helpers import run_cli
 from PIL import Image
 
-from mm1_mlx.boxes import format_box
+from mm1_mlx.boxes import format_box, to_coordinates
 from mm1_mlx.errors import UserError
 from mm1_mlx.train import synth
 from mm1_mlx.train.data import DataLoader, SourceConfig
@@ -310,6 +310,28 @@ def test_the_dataset_layout(dataset):
     for scene in lines(dataset / "scenes.jsonl"):
         size = SHAPES_SIZE if scene["type"] == "ShapeScene" else SCREEN_SIZE
         assert Image.open(dataset / scene["image"]).size == size
+
+
+def test_list_answers_carry_the_box_of_each_item(dataset):
+    scenes = {record["image"]: synth.scene_from_record(record)
+              for record in lines(dataset / "scenes.jsonl")}  # fmt: skip
+    listed = 0
+    for chat in lines(dataset / "chat.jsonl"):
+        scene = scenes[chat["images"][0]]
+        if isinstance(scene, synth.ShapeScene):
+            named = {shape.box: shape.phrase for shape in scene.shapes}
+        else:
+            named = {button.box: button.label for button in scene.buttons}
+        names = {tuple(to_coordinates(box, scene.size)): name for box, name in named.items()}
+        messages = chat["messages"]
+        for question, answer in zip(messages[::2], messages[1::2], strict=True):
+            asks_list = question["content"].endswith(("Describe the image.", "List the buttons."))
+            assert asks_list == ("boxes" in answer)
+            for item in answer.get("boxes", []):
+                start, end = item["span"]
+                assert answer["content"][start:end] == names[tuple(item["box"])]
+            listed += asks_list
+    assert listed >= 3
 
 
 @pytest.mark.parametrize("name", FORMATS)

@@ -10,12 +10,16 @@ a box whose answer carries loss (from the end of what came before, the image or 
 answer, through the question to the answer's "["), its attention should fall on the image
 tokens whose cells lie inside the box. A box in a question ("What is at [x1, y1, x2, y2]?",
 MM1.5's referring) is the mirror case: the positions from its "]" to its answer's last token
-must read what lies there, and attend to the same tokens. Each position adds -log(attention
-inside the box); a box's positions share one weight, and the boxes of a micro-batch are
-averaged and scaled by WEIGHT. Positions that cannot know the name yet ("Where is the") can
-only learn to look at things in general; those after the name can find it. The targets come
-from the boxes in the text, so any grounding or referring conversations in this format
-supervise it (not captions, whose boxes follow one another in one trained run).
+must read what lies there, and attend to the same tokens. A phrase box of an answer (a chat
+message's `boxes`: a span of its text and the box of the thing it names) asks the same of the
+positions that write the phrase, the separator before it included: in a list ("a red circle
+and a blue square") each item looks at its own thing, which is how a decoder can keep its
+place instead of naming one thing twice. Each position adds -log(attention inside the box); a
+box's positions share one weight, and the boxes of a micro-batch are averaged and scaled by
+WEIGHT. Positions that cannot know the name yet ("Where is the") can only learn to look at
+things in general; those after the name can find it. The targets come from the boxes in the
+text and the phrase boxes, so any grounding, referring or phrase-grounded conversations in
+this format supervise it (not captions, whose boxes follow one another in one trained run).
 """
 
 import re
@@ -85,17 +89,26 @@ class BoxFinder:
 
     def example_boxes(self, row: Any, start: int, example: Any):
         """(the row positions that ask for or about a box, the row positions of the image
-        tokens inside it), for each box of the example: a box answer that carries loss, or a
-        box in a question that a trained answer follows."""
-        if not np.any(self.brackets[example.tokens] == 1):  # most examples: no box to place
+        tokens inside it), for each box of the example: a box answer that carries loss, a box
+        in a question that a trained answer follows, or a trained phrase box."""
+        has_brackets = np.any(self.brackets[example.tokens] == 1)
+        if not has_brackets and not example.phrases:  # most examples: no box to place
             return
         images = self.image_cells(start, example)
+        yield from self.phrase_boxes(row, start, example, images)
+        if has_brackets:
+            yield from self.bracket_boxes(row, start, example, images)
+
+    def bracket_boxes(self, row: Any, start: int, example: Any, images: list):
+        """Per box written in the example's text: a trained answer's (asked for) or a
+        question's (asked about)."""
         end = start + len(example.tokens)
         for position in range(start, end - 1):
             if self.brackets[row.tokens[position]] != 1:
                 continue
             before = [image for image in images if image[0][0] < position]
-            cells = self.cells_inside(row.tokens[position : position + BOX_TOKENS], before)
+            match = self.box_after(row.tokens[position : position + BOX_TOKENS])
+            cells = None if match is None else self.cells_inside(match.groups(), before)
             if cells is None:
                 continue
             if row.weights[position + 1]:
@@ -105,14 +118,22 @@ class BoxFinder:
             if len(span):
                 yield span, cells
 
-    def cells_inside(self, tokens: list[int], images: list) -> np.ndarray | None:
-        """The row positions of the image tokens inside the box that `tokens` (from a "[")
-        spell, in the last of `images`; None when they spell no box or no cell lies in it."""
-        match = self.box_after(tokens)
-        if match is None or not images:
-            return None
-        box = np.array([int(value) for value in match.groups()])
-        if np.any(box > COORDINATE_MAX) or box[0] >= box[2] or box[1] >= box[3]:
+    def phrase_boxes(self, row: Any, start: int, example: Any, images: list):
+        """Per trained phrase box: the positions that predict the phrase's tokens (the first
+        of them the separator before it, which must already know what comes next) and the
+        image tokens inside its box."""
+        for first, end, box in example.phrases:
+            first, end = start + first, start + end
+            before = [image for image in images if image[0][0] < first]
+            cells = self.cells_inside(box, before)
+            if cells is not None and any(row.weights[first:end]):
+                yield range(first - 1, end - 1), cells
+
+    def cells_inside(self, box: Sequence, images: list) -> np.ndarray | None:
+        """The row positions of the image tokens inside `box` (0..1000 coordinates) in the
+        last of `images`; None when it is no box or no cell lies in it."""
+        box = np.array([int(value) for value in box])
+        if not images or np.any(box > COORDINATE_MAX) or box[0] >= box[2] or box[1] >= box[3]:
             return None
         positions, centres, size = images[-1]
         left, top, right, bottom = box / COORDINATE_MAX * np.array([*size, *size])

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mm1_mlx.boxes import COORDINATE_MAX
 from mm1_mlx.errors import UserError
 from mm1_mlx.processor import (
     ImageBytes,
@@ -46,6 +47,7 @@ from mm1_mlx.train.readers import make_reader
 from mm1_mlx.train.sources import Record, Skip, SourceConfig, check_source
 
 LOSS_WEIGHTINGS = ("token", "example", "turn")
+Box = tuple[int, int, int, int]
 CHAT_ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -84,6 +86,9 @@ class Example:
     sizes: list[tuple[int, int]]  # each image's (width, height)
     source: int  # index into DataLoader.sources
     record: Record  # where it was read: origin, epoch, position
+    # Per phrase box of its chat answers: the phrase's tokens [first, end) and its box (0..1000
+    # coordinates of the last image before it).
+    phrases: list[tuple[int, int, Box]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +99,8 @@ class Rendered:
 
     prefixes: list[tuple[str, bool]]
     images: list[str]  # the files of its `<image>` markers, in order
+    # Per phrase box: the text up to the phrase's start, up to its end, and its box.
+    phrases: list[tuple[str, str, Box]] = field(default_factory=list)
 
 
 def field_of(record: dict[str, Any], name: str, kind: type) -> Any:
@@ -134,19 +141,74 @@ def render_interleaved(record: dict[str, Any], processor: Processor) -> Rendered
 
 def render_chat(record: dict[str, Any], processor: Processor) -> Rendered:
     """The conversation through the chat template. An assistant turn is what rendering the
-    conversation up to it adds to rendering the turns before it with the generation prompt."""
+    conversation up to it adds to rendering the turns before it with the generation prompt;
+    a phrase of it is what the prompt and the answer's text up to the phrase's end add."""
     messages, images = chat_messages(record)
+    phrase_boxes = [message_phrase_boxes(message) for message in messages]
+    messages = [without_boxes(message) for message in messages]
     conversation, ordered_images = processor.flatten_messages(messages, images)
     if not all(isinstance(image, str) for image in ordered_images):
         raise Skip("invalid record", "images are file names")
     check_turns(conversation)
-    prefixes = []
+    prefixes, phrases = [], []
     for k, message in enumerate(conversation):
         if message["role"] == "assistant":
-            prefixes.append((processor.render(conversation[:k], True), False))
+            prompt = processor.render(conversation[:k], True)
+            prefixes.append((prompt, False))
             prefixes.append((processor.render(conversation[: k + 1], False), True))
+            content = messages[k]["content"]
+            for (start, end), box in phrase_boxes[k]:
+                phrases.append((prompt + content[:start], prompt + content[:end], box))
     prefixes.append((processor.render(conversation, False), False))
-    return Rendered(prefixes, ordered_images)
+    return Rendered(prefixes, ordered_images, phrases)
+
+
+def message_phrase_boxes(message: Any) -> list[tuple[tuple[int, int], Box]]:
+    """An assistant message's `boxes`: [{"span": [start, end], "box": [x1, y1, x2, y2]}], a
+    phrase of its content (character offsets) and where the thing it names lies (0..1000
+    coordinates of the last image before it), as phrase-grounding data annotates answers."""
+    if not isinstance(message, dict) or "boxes" not in message:
+        return []
+    content, boxes = message.get("content"), message["boxes"]
+    if message.get("role") != "assistant" or not isinstance(content, str):
+        raise Skip("invalid record", "only an assistant message with text content has boxes")
+    if not isinstance(boxes, list):
+        raise Skip("invalid record", f"a message's boxes are a list, not {boxes!r:.60}")
+    found = []
+    for item in boxes:
+        if not (isinstance(item, dict) and set(item) == {"span", "box"}):
+            raise Skip("invalid record", f"a phrase box is {{span, box}}, not {item!r:.60}")
+        span, box = item["span"], item["box"]
+        if not (integers(span, 2) and 0 <= span[0] < span[1] <= len(content)):
+            raise Skip(
+                "invalid record", f"a phrase span is [start, end] of the content: {span!r:.40}"
+            )
+        if not (integers(box, 4) and is_box(box)):
+            raise Skip(
+                "invalid record", f"a phrase box is [x1, y1, x2, y2] in 0..1000: {box!r:.60}"
+            )
+        found.append(((span[0], span[1]), tuple(box)))
+    return found
+
+
+def without_boxes(message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message  # flatten_messages says what is wrong with it
+    return {key: value for key, value in message.items() if key != "boxes"}
+
+
+def is_box(box: list[int]) -> bool:
+    x1, y1, x2, y2 = box
+    return 0 <= x1 < x2 <= COORDINATE_MAX and 0 <= y1 < y2 <= COORDINATE_MAX
+
+
+def integers(value: Any, count: int) -> bool:
+    """Whether `value` is a list of `count` integers (JSON's true and false are not)."""
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
 
 
 def check_turns(conversation: list[dict[str, Any]]) -> None:
@@ -188,10 +250,10 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Processor], Rendered]] = {
 
 def tokens_and_loss(
     processor: Processor, rendered: Rendered, grids: list[Grid]
-) -> tuple[list[int], list[bool]]:
-    """The whole text's tokens, and which carry loss: a prefix's new tokens are those past
-    where its own tokens stop agreeing with the whole's (a BPE merge across the boundary
-    moves the boundary, it cannot misplace it)."""
+) -> tuple[list[int], list[bool], list[tuple[int, int, Box]]]:
+    """The whole text's tokens, which carry loss, and each phrase box's tokens [first, end):
+    a prefix's new tokens are those past where its own tokens stop agreeing with the whole's
+    (a BPE merge across the boundary moves the boundary, it cannot misplace it)."""
     marker = processor.image_token
 
     @cache
@@ -206,7 +268,13 @@ def tokens_and_loss(
         for i in range(start, end):
             trained[i] = loss
         start = end
-    return tokens, trained
+    phrases = []
+    for before, through, box in rendered.phrases:
+        first = common_prefix_length(ids(before), tokens)
+        end = common_prefix_length(ids(through), tokens)
+        if first < end:
+            phrases.append((first, end, box))
+    return tokens, trained, phrases
 
 
 def image_size(image: Path | ImageBytes) -> tuple[int, int]:
@@ -411,7 +479,7 @@ class DataLoader:
             images = [record.image(name) for name in rendered.images]
             sizes = [image_size(image) for image in images]
             grids = self.processor.image_grids(sizes, split=self.split_images)
-            tokens, trained = tokens_and_loss(self.processor, rendered, grids)
+            tokens, trained, phrases = tokens_and_loss(self.processor, rendered, grids)
         except UserError as error:  # from the processor: markers, messages, chat template
             raise Skip("invalid record", str(error)) from None
         if tokens[-1:] != [self.eos_id]:
@@ -422,7 +490,7 @@ class DataLoader:
             raise Skip("too long", f"{len(tokens)} tokens, over seq_len + 1 = {self.seq_len + 1}")
         if not any(trained):
             raise Skip("nothing to train on", "no tokens carry loss")
-        return Example(tokens, trained, images, grids, sizes, source, record)
+        return Example(tokens, trained, images, grids, sizes, source, record, phrases)
 
     def skip(self, record: Record, skip: Skip) -> None:
         if self.strict:

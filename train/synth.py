@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mm1_mlx.boxes import PixelBox, format_box
+from mm1_mlx.boxes import PixelBox, format_box, to_coordinates
 from mm1_mlx.errors import UserError
 
 RGB = tuple[int, int, int]
@@ -133,6 +133,8 @@ class QA:
     task: str
     question: str
     answer: str
+    # A list answer's items: each one's [start, end) in `answer` and its thing's box (0..1000).
+    phrases: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
 
 
 def gap(a: PixelBox, b: PixelBox) -> int:
@@ -352,13 +354,25 @@ def describe(scene: ShapeScene) -> str:
     return join_phrases([shape.phrase for shape in left_to_right(scene)])
 
 
+def item_spans(answer: str, items: list[tuple[str, PixelBox]], scene: Scene) -> tuple:
+    """QA.phrases of an answer that names `items` (name, box) in order."""
+    spans, start = [], 0
+    for name, box in items:
+        start = answer.index(name, start)
+        spans.append((start, start + len(name), tuple(to_coordinates(box, scene.size))))
+        start += len(name)
+    return tuple(spans)
+
+
 def where(box: PixelBox, scene: Scene) -> str:
     return format_box(box, scene.size)
 
 
 def shape_questions(scene: ShapeScene) -> list[QA]:
     """Every question the spec asks of a shape scene, with its exact answer."""
-    qas = [QA("describe", "Describe the image.", describe(scene))]
+    answer = describe(scene)
+    items = [(shape.phrase, shape.box) for shape in left_to_right(scene)]
+    qas = [QA("describe", "Describe the image.", answer, item_spans(answer, items, scene))]
     qas += [QA("color", f"What color is the {s.kind}?", s.color) for s in lone_shapes(scene)]
     for kind in KINDS:
         qas.append(QA("count_kind", f"How many {kind}s are there?", str(kind_count(scene, kind))))
@@ -369,11 +383,12 @@ def shape_questions(scene: ShapeScene) -> list[QA]:
 
 def screen_questions(scene: ScreenScene) -> list[QA]:
     """Every question the spec asks of a screen, with its exact answer."""
-    labels = [button.label for button in reading_order(scene)]
+    items = [(button.label, button.box) for button in reading_order(scene)]
+    answer = ", ".join(label for label, _ in items)
     qas = [
         QA("title", "What is the title of this screen?", scene.title),
         QA("count_buttons", "How many buttons are there?", str(len(scene.buttons))),
-        QA("list_buttons", "List the buttons.", ", ".join(labels)),
+        QA("list_buttons", "List the buttons.", answer, item_spans(answer, items, scene)),
     ]
     named = [(f"{button.label} button", button.box, button.label) for button in scene.buttons]
     return qas + grounding(scene, named, "button", "What does the button at {box} say?")
@@ -478,6 +493,9 @@ def conversation(qas: list[QA], num_images: int) -> list[dict[str, str]]:
     for k, qa in enumerate(qas):
         messages.append(user_turn(qa.question, num_images if k == 0 else 0))
         messages.append({"role": "assistant", "content": qa.answer})
+        if qa.phrases:
+            boxes = [{"span": [start, end], "box": list(box)} for start, end, box in qa.phrases]
+            messages[-1]["boxes"] = boxes
     return messages
 
 
