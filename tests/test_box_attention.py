@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from builders import CHAT_TEMPLATE, retokenized_copy
 from PIL import Image, ImageDraw
 
 import mm1_mlx
@@ -58,14 +59,15 @@ def finder_for(processor, model) -> BoxFinder:
     return BoxFinder.for_tokenizer(processor, model.config.text_config["vocab_size"])
 
 
-def first_batch(folder: Path, tiny_model, messages: list[dict], seq_len: int):
+def first_batch(folder: Path, tiny_model, messages: list[dict], seq_len: int, strict=False):
     """The batch of one chat about folder/a.png, with its boxes found."""
     model, processor = tiny_model
     record = {"images": ["a.png"], "messages": messages}
     (folder / "chat.jsonl").write_text(json.dumps(record) + "\n")
     source = SourceConfig(str(folder / "chat.jsonl"), "chat")
     finder = finder_for(processor, model)
-    return DataLoader([source], processor, seq_len, 1, box_finder=finder).next_batch()
+    loader = DataLoader([source], processor, seq_len, 1, strict=strict, box_finder=finder)
+    return loader.next_batch()
 
 
 def test_the_finder_marks_who_asks_for_or_about_each_box_and_the_tokens_inside_it(
@@ -109,10 +111,12 @@ def test_the_finder_marks_who_asks_for_or_about_each_box_and_the_tokens_inside_i
     assert batch.weights[0, answering[-1]] > 0 and batch.weights[0, answering[-1] + 1] == 0
 
 
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, None])  # None: "Assistant: " + answer
 def test_each_phrase_box_of_an_answer_asks_for_its_thing_while_the_phrase_is_written(
-    tiny_model, tmp_path
+    tiny_model_dir, tmp_path, template
 ):
-    model, processor = tiny_model
+    model_dir = retokenized_copy(tiny_model_dir, tmp_path / "model", chat_template=template)
+    model, processor = mm1_mlx.load(model_dir)
     Image.new("RGB", (48, 48), "white").save(tmp_path / "a.png")
     answer = "a red square and a blue circle"
     boxes = [  # the left half, then the bottom right quadrant
@@ -136,6 +140,23 @@ def test_each_phrase_box_of_an_answer_asks_for_its_thing_while_the_phrase_is_wri
         predicted = processor.decode(batch.targets[0, positions].tolist())
         assert predicted.strip() == phrase and batch.weights[0, positions].all()
         assert np.isclose(found.weights[asking].sum(), 1)
+
+
+def test_phrase_boxes_of_an_answer_the_template_rewrites_are_refused(tiny_model_dir, tmp_path):
+    template = CHAT_TEMPLATE.replace("m['content']", "m['content'] | upper")
+    model_dir = retokenized_copy(tiny_model_dir, tmp_path / "model", chat_template=template)
+    tiny_model = mm1_mlx.load(model_dir)
+    Image.new("RGB", (48, 48), "white").save(tmp_path / "a.png")
+    messages = [
+        {"role": "user", "content": "<image>\nDescribe it."},
+        {
+            "role": "assistant",
+            "content": "a square",
+            "boxes": [{"span": [2, 8], "box": [0, 0, 9, 9]}],
+        },
+    ]
+    with pytest.raises(UserError, match="chat.jsonl:1: .*rewrites an answer that has phrase boxes"):
+        first_batch(tmp_path, tiny_model, messages, seq_len=80, strict=True)
 
 
 def reference_losses(queries, keys, scale, head, boxes, example_ids):

@@ -154,13 +154,25 @@ def render_chat(record: dict[str, Any], processor: Processor) -> Rendered:
     for k, message in enumerate(conversation):
         if message["role"] == "assistant":
             prompt = processor.render(conversation[:k], True)
-            prefixes.append((prompt, False))
-            prefixes.append((processor.render(conversation[: k + 1], False), True))
-            content = messages[k]["content"]
-            for (start, end), box in phrase_boxes[k]:
-                phrases.append((prompt + content[:start], prompt + content[:end], box))
+            turn = processor.render(conversation[: k + 1], False)
+            prefixes += [(prompt, False), (turn, True)]
+            phrases += placed_phrases(prompt, turn, messages[k]["content"], phrase_boxes[k])
     prefixes.append((processor.render(conversation, False), False))
     return Rendered(prefixes, ordered_images, phrases)
+
+
+def placed_phrases(
+    prompt: str, turn: str, content: str, boxes: list[tuple[tuple[int, int], Box]]
+) -> list[tuple[str, str, Box]]:
+    """Per phrase box, the rendered text up to the phrase's start and up to its end: the
+    answer is where the chat template put it in `turn`, past the generation `prompt` (and
+    whatever the template writes between, such as a space)."""
+    if not boxes:
+        return []
+    at = turn.find(content, common_prefix_length(prompt, turn))
+    if at < 0:
+        raise Skip("invalid record", "the chat template rewrites an answer that has phrase boxes")
+    return [(turn[: at + start], turn[: at + end], box) for (start, end), box in boxes]
 
 
 def message_phrase_boxes(message: Any) -> list[tuple[tuple[int, int], Box]]:
