@@ -295,15 +295,16 @@ def mean_word_error(model_folder, data_folder) -> float:
     return (errors.sum() / (batch.classes > 0).sum()).item()
 
 
-def test_the_word_loss_teaches_the_tokens_to_name_their_words(tmp_path):
+def test_the_word_loss_keeps_the_tokens_naming_their_words(tmp_path):
     write_scenes(tmp_path / "data", 12)
     for out, weight in (("plain", 0), ("named", 1)):
         overrides = ("train.steps=8", "optimizer.lr=1e-3", f"dense.word_weight={weight}")
         train(dense_recipe(tmp_path, DEMO_MODEL, out, *overrides))
-    before = mean_word_error(DEMO_MODEL, tmp_path / "data")
     plain = mean_word_error(tmp_path / "plain", tmp_path / "data")
     named = mean_word_error(tmp_path / "named", tmp_path / "data")
-    assert named < 0.8 * min(before, plain)  # measured: 3.04, 2.65 and 1.68
+    # The demo model's tokens already name their words (0.09); 8 steps at 1e-3 without the
+    # loss wear that away (2.91), with it much less (1.22).
+    assert named < 0.8 * plain
 
 
 def test_a_batch_larger_than_the_training_scenes_is_refused_before_work(tmp_path):
