@@ -11,7 +11,7 @@
 
 Needs the app's and the tests' extras (starlette, uvicorn, playwright) and a Chromium
 (`apt-get install chromium` on Debian and Ubuntu, Google Chrome on macOS). Prints every answer
-next to the right one.
+next to the right one, scored as `mm1-mlx eval` scores it (a box by its IoU with the true one).
 """
 
 import argparse
@@ -27,12 +27,14 @@ from PIL import Image
 from mm1_mlx.annotate import draw_boxes
 from mm1_mlx.apps import server
 from mm1_mlx.boxes import format_box
+from mm1_mlx.evaluate import iou, is_correct, whole_box
 from mm1_mlx.generate import generate
 from mm1_mlx.loading import load, model_or_default
 from mm1_mlx.train import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_START = ROOT / "examples" / "screen.png"
+QUICK_START_SEND = "[388, 309, 831, 425]"  # examples/README.md
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 MAC_CHROME = "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"
 VIEWPORTS = {  # file -> Playwright context options
@@ -41,20 +43,30 @@ VIEWPORTS = {  # file -> Playwright context options
 }
 
 
+def verdict(answer: str, right: str, size: tuple[int, int]) -> str:
+    """'right: [..]; IoU 0.75, right' (a box) or 'right: Send, OK; wrong' (anything else)."""
+    scored = "right" if is_correct(answer, right, size) else "wrong"
+    truth, predicted = whole_box(right, size), whole_box(answer, size)
+    if truth is not None and predicted is not None:
+        scored = f"IoU {iou(predicted, truth):.2f}, {scored}"
+    return f"right: {right}; {scored}"
+
+
 def quick_start(model, processor, out: Path) -> None:
     """demo-send.png: the README's first command, answered and drawn."""
     question = "Where is the Send button?"
     image = Image.open(QUICK_START)
     content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
     answer = generate(model, processor, [{"role": "user", "content": content}], max_tokens=32)
-    print(f"{QUICK_START.name}: {question} -> {answer}")
+    scored = verdict(answer, QUICK_START_SEND, image.size)
+    print(f"{QUICK_START.name}: {question} -> {answer}   ({scored})")
     annotated, _ = draw_boxes(image, answer)
     annotated.save(out / "demo-send.png", optimize=True)
 
 
-def fresh_screen(seed: int) -> tuple[bytes, list[tuple[str, str]]]:
-    """A newly drawn screen with three buttons or more (PNG bytes), and the questions asked
-    about it with their answers."""
+def fresh_screen(seed: int) -> tuple[bytes, tuple[int, int], list[tuple[str, str]]]:
+    """A newly drawn screen with three buttons or more (PNG bytes), its size, and the
+    questions asked about it with their answers."""
     rng = random.Random(f"screenshots-{seed}")
     scene = synth.sample_screen_scene(rng)
     while len(scene.buttons) < 3:
@@ -67,7 +79,7 @@ def fresh_screen(seed: int) -> tuple[bytes, list[tuple[str, str]]]:
         (f"Where is the {first.label} button?", format_box(first.box, scene.size)),
         ("List the buttons.", ", ".join(button.label for button in buttons)),
     ]
-    return picture.getvalue(), questions
+    return picture.getvalue(), scene.size, questions
 
 
 def browser_path() -> str:
@@ -78,7 +90,9 @@ def browser_path() -> str:
     return path
 
 
-def app_screenshots(url: str, picture: bytes, questions: list[tuple[str, str]], out: Path):
+def app_screenshots(
+    url: str, picture: bytes, size: tuple[int, int], questions: list[tuple[str, str]], out: Path
+) -> None:
     """app.png and app-phone.png: the page after each question's answer has streamed in."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -101,7 +115,7 @@ def app_screenshots(url: str, picture: bytes, questions: list[tuple[str, str]], 
                 answer = answers.last.locator(".text").inner_text()
                 if "error" in (answers.last.get_attribute("class") or ""):
                     raise SystemExit(f"error: the app refused {question!r}: {answer}")
-                print(f"{name}: {question} -> {answer}   (right: {right})")
+                print(f"{name}: {question} -> {answer}   ({verdict(answer, right, size)})")
             shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
             # A palette keeps the PNG small enough to commit.
             shot.quantize(colors=64, dither=Image.Dither.NONE).save(out / name, optimize=True)
@@ -118,9 +132,9 @@ def main() -> None:
         raise SystemExit(f"error: {args.out}: no such folder")
     model, processor = load(model_or_default(args.model))
     quick_start(model, processor, args.out)
-    picture, questions = fresh_screen(args.seed)
+    picture, size, questions = fresh_screen(args.seed)
     with server.serving_in_thread(server.create_app(model, processor, "demo")) as url:
-        app_screenshots(url, picture, questions, args.out)
+        app_screenshots(url, picture, size, questions, args.out)
 
 
 if __name__ == "__main__":

@@ -374,7 +374,7 @@ def test_phone_sized_viewport_fits_without_horizontal_scrolling(open_page):
 
 def test_the_readme_pictures_script_runs(tmp_path):
     """docs/screenshots.py, as the README runs it (the demo model): the three pictures, and
-    each answer printed."""
+    each answer printed and scored; the Quick-start box is right, as the README says."""
     if not chromium_paths():
         pytest.skip("no Chromium")
     script = Path(__file__).resolve().parent.parent / "docs" / "screenshots.py"
@@ -392,4 +392,5 @@ def test_the_readme_pictures_script_runs(tmp_path):
     ]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("screen.png: Where is the Send button? -> ")
+    assert lines[0].endswith(", right)") and "IoU " in lines[0], lines[0]
     assert sum("List the buttons. -> " in line for line in lines) == 2
