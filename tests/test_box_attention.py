@@ -1,6 +1,7 @@
 """The box-attention loss: which positions and image tokens it supervises, its value against a
 plain softmax attention, and that training with it moves the head onto the boxes."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -140,6 +141,27 @@ def test_each_phrase_box_of_an_answer_asks_for_its_thing_while_the_phrase_is_wri
         predicted = processor.decode(batch.targets[0, positions].tolist())
         assert predicted.strip() == phrase and batch.weights[0, positions].all()
         assert np.isclose(found.weights[asking].sum(), 1)
+
+
+def test_phrase_boxes_on_a_llava_turn_are_the_same_as_on_a_chat_message(tiny_model, tmp_path):
+    model, processor = tiny_model
+    Image.new("RGB", (48, 48), "white").save(tmp_path / "a.png")
+    boxes = [{"span": [0, 12], "box": [0, 0, 500, 1000]}]
+    messages = [
+        {"role": "user", "content": "<image>\nDescribe it."},
+        {"role": "assistant", "content": "a red square", "boxes": boxes},
+    ]
+    chat = first_batch(tmp_path, tiny_model, messages, seq_len=80).boxes
+    turns = [{"from": "human", "value": messages[0]["content"]},
+             {"from": "gpt", "value": "a red square", "boxes": boxes, "id": 7}]  # fmt: skip
+    record = {"image": "a.png", "conversations": turns}
+    (tmp_path / "llava.jsonl").write_text(json.dumps(record) + "\n")
+    source = SourceConfig(str(tmp_path / "llava.jsonl"), "chat")
+    finder = finder_for(processor, model)
+    llava = DataLoader([source], processor, 80, 1, box_finder=finder).next_batch().boxes
+    assert len(chat.positions) > 0
+    for mine, theirs in zip(dataclasses.astuple(chat), dataclasses.astuple(llava), strict=True):
+        assert np.array_equal(mine, theirs)
 
 
 def test_phrase_boxes_of_an_answer_the_template_rewrites_are_refused(tiny_model_dir, tmp_path):

@@ -249,7 +249,16 @@ def chat_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[st
     turns = field_of(record, "conversations", list)
     if not all(isinstance(t, dict) and t.get("from") in LLAVA_ROLES for t in turns):
         raise Skip("invalid record", f"conversation turns need 'from' in {list(LLAVA_ROLES)}")
-    return [{"role": LLAVA_ROLES[t["from"]], "content": t.get("value")} for t in turns], images
+    return [llava_message(turn) for turn in turns], images
+
+
+def llava_message(turn: dict[str, Any]) -> dict[str, Any]:
+    """A LLaVA turn as a chat message: its phrase boxes travel with it, other extra keys
+    (datasets add their own) are dropped."""
+    message = {"role": LLAVA_ROLES[turn["from"]], "content": turn.get("value")}
+    if "boxes" in turn:
+        message["boxes"] = turn["boxes"]
+    return message
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any], Processor], Rendered]] = {
