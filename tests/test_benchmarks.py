@@ -12,7 +12,7 @@ import pytest
 from helpers import shapes_picture
 
 from mm1_mlx.loading import DEMO_MODEL, load
-from mm1_mlx.train.synth import STYLES, TASKS
+from mm1_mlx.train.synth import STYLES, TASKS, Button, ScreenScene, Shape, ShapeScene
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -32,9 +32,9 @@ def run_benchmark(name: str, *args: str) -> str:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = ["conv_pooling", "demo_eval", "demo_training", "encoder_probe",
+    tested = ["answer_errors", "conv_pooling", "demo_eval", "demo_training", "encoder_probe",
               "grounding_attention", "grounding_probe", "grounding_trace", "inference",
-              "list_errors", "openblas_matmul", "spec_renderer", "training"]  # fmt: skip
+              "openblas_matmul", "spec_renderer", "training"]  # fmt: skip
     assert sorted(path.stem for path in BENCHMARKS.glob("*.py")) == tested
 
 
@@ -126,28 +126,64 @@ def test_demo_eval(tmp_path):
     assert all(f"| {task} |" in out for task in TASKS)
 
 
-def test_list_errors():
-    out = run_benchmark("list_errors.py", "--n", "4")
+def test_answer_errors():
+    out = run_benchmark("answer_errors.py", "--n", "4")
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")]
-    assert [row[0] for row in rows[1:]] == ["| describe", "| list_buttons"]
-    assert all(sum(int(cell.strip(" |")) for cell in row[1:]) == 4 for row in rows[1:])
+    rows = [row for row in rows if row[1] != "right"]
+    assert [row[0] for row in rows] == [
+        "| describe", "| list_buttons", "| color", "| refer_shape", "| refer_button",
+        "| count_kind",
+    ]  # fmt: skip
+    assert all(sum(int(cell.strip(" |")) for cell in row[1:]) == 4 for row in rows)
 
 
-def test_list_errors_sorts_a_wrong_list_by_what_went_wrong():
+def test_answer_errors_refuses_an_odd_count():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "answer_errors.py"), "--n", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and result.stderr.strip().startswith("error: --n")
+
+
+def answer_errors_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from list_errors import KINDS, error_kind
+        import answer_errors
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return answer_errors
+
+
+def test_answer_errors_sorts_a_wrong_list_by_what_went_wrong():
+    errors = answer_errors_module()
     truth = "a red circle, a blue square and a blue circle"
-    wrong_count, repeats, wrong_order, wrong_thing = KINDS
-    assert error_kind("a red circle and a blue square", truth) == wrong_count
-    assert error_kind("a red circle, a red circle and a blue circle", truth) == repeats
-    assert error_kind("a blue square, a red circle and a blue circle", truth) == wrong_order
-    assert error_kind("a red circle, a blue square and a red square", truth) == wrong_thing
-    assert error_kind("Send, Send", "Send, Back") == repeats
-    assert error_kind("Send, Send", "Send, Send, Back") == wrong_count
-    assert error_kind("Send, Send, Back", "Send, Back, Send") == wrong_order
+    wrong_count, repeats, wrong_order, wrong_thing = errors.KINDS
+    assert errors.error_kind("a red circle and a blue square", truth) == wrong_count
+    assert errors.error_kind("a red circle, a red circle and a blue circle", truth) == repeats
+    assert errors.error_kind("a blue square, a red circle and a blue circle", truth) == wrong_order
+    assert errors.error_kind("a red circle, a blue square and a red square", truth) == wrong_thing
+    assert errors.error_kind("Send, Send", "Send, Back") == repeats
+    assert errors.error_kind("Send, Send", "Send, Send, Back") == wrong_count
+    assert errors.error_kind("Send, Send, Back", "Send, Back, Send") == wrong_order
+
+
+def test_answer_errors_tells_another_things_answer_from_a_misreading():
+    errors = answer_errors_module()
+    red, blue = Shape("circle", "red", (0, 0, 20, 20)), Shape("square", "blue", (40, 0, 60, 20))
+    scene = ShapeScene((red, blue))
+    another, nothing = errors.LOOKUP_KINDS
+    kind = errors.lookup_error_kind
+    assert kind("color", scene, "blue", "red") == another
+    assert kind("color", scene, "green", "red") == nothing
+    assert kind("refer_shape", scene, "a blue square", "a red circle") == another
+    assert kind("refer_shape", scene, "a blue circle", "a red circle") == nothing
+    screen = ScreenScene("Music", (Button("Send", "blue", (10, 50, 90, 80)),))
+    assert kind("refer_button", screen, "Back", "Send") == nothing
+    absent, too_few, too_many = errors.COUNT_KINDS
+    assert kind("count_kind", scene, "1", "0") == absent
+    assert kind("count_kind", scene, "0", "1") == too_few
+    assert kind("count_kind", scene, "2", "1") == too_many
 
 
 @pytest.mark.slow
