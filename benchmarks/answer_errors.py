@@ -22,7 +22,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from mm1_mlx.evaluate import evaluate, load_examples
+from mm1_mlx.evaluate import evaluate, is_correct, load_examples
 from mm1_mlx.generate import generate
 from mm1_mlx.loading import load, model_or_default
 from mm1_mlx.train import synth
@@ -98,7 +98,7 @@ def lookup_errors(model, processor, n: int, seed: int) -> dict[str, tuple[int, C
             image = synth.render(scenes[0], synth.STYLES[i % len(synth.STYLES)], rng)
             messages = [synth.user_turn(qa.question, 1)]
             prediction = generate(model, processor, messages, [image], max_tokens=16).strip()
-            if prediction.lower() != qa.answer.lower():  # as `mm1-mlx eval` scores it
+            if not is_correct(prediction, qa.answer, scenes[0].size):
                 wrong[lookup_error_kind(task, scenes[0], prediction, qa.answer)] += 1
         rows[task] = (n - sum(wrong.values()), wrong)
     return rows
