@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -194,13 +195,14 @@ def init_model(
     seed: int = 0,
     overwrite: bool = False,
     smooth_numbers: bool = False,
+    lookup_head: bool = False,
 ) -> MM1Config:
     """A randomly initialised model folder, for training from scratch.
 
     `config_path` is an MM1 config.json without weights (vision_config, connector_config,
     text_config, preprocess_config); the tokenizer comes from `tokenizer` (a folder or hub id)
     and gets the image token; the decoder's vocabulary is sized to fit the tokenizer.
-    `smooth_numbers`: see `smooth_number_embeddings`.
+    `smooth_numbers`: see `smooth_number_embeddings`; `lookup_head`: see `make_lookup_head`.
     """
     values = read_json(config_path)
     check_config(values, config_path, complete=False)
@@ -220,6 +222,8 @@ def init_model(
     model = fresh_model(config, config_path, out)
     if smooth_numbers:
         smooth_number_embeddings(model, loaded_tokenizer)
+    if lookup_head:
+        make_lookup_head(model, seed)
     with atomic_folder(Path(out), overwrite) as tmp:
         save_weights(tmp, dict(tree_flatten(model.parameters())))
         write_config(tmp, config)
@@ -263,3 +267,36 @@ def smooth_number_embeddings(model: MM1Model, tokenizer: Any) -> None:
         # Keep some of each token's random start: "7" and " 7" must stay distinguishable.
         table[rows] = 0.8 * waves + 0.6 * table[rows]
     embedding.weight = mx.array(table)
+
+
+# The lookup head's query and key size: a token matched with itself scores about
+# LOOKUP_GAIN**2 x (the share of the hidden size the head keeps) x hidden / sqrt(head size).
+LOOKUP_GAIN = 2.0
+
+
+def make_lookup_head(model: MM1Model, seed: int) -> None:
+    """Start the first head of the decoder's first layer as a lookup by content: its query and
+    key are one random projection of the token, on the quarter of its rotary pairs with the
+    lowest frequencies (with the usual base of 10,000 they turn by at most a radian over 1,000
+    positions), and zero on the others. Its score is then the similarity of two tokens whatever
+    their distance, so a question's word ("circle", "Send") looks, from the first step, at the
+    image tokens that name it (the dense stage writes each thing's words in the decoder's own
+    embeddings of them: train/dense.py) rather than waiting for SFT to form such a head."""
+    layers = getattr(model.decoder, "layers", None) or [None]
+    attention = getattr(layers[0], "self_attn", None)
+    rope = getattr(attention, "rope", None)
+    if not isinstance(rope, nn.RoPE) or not hasattr(attention, "k_proj"):
+        raise UserError("--lookup-head needs a decoder attention of q_proj, k_proj and plain RoPE")
+    hidden = attention.q_proj.weight.shape[1]
+    head_size = attention.q_proj.weight.shape[0] // attention.n_heads
+    pairs = np.arange(rope.dims // 2)
+    low = pairs[pairs >= 0.75 * len(pairs)]
+    # Traditional RoPE rotates neighbours (2i, 2i+1); the other form halves (i, i + dims/2).
+    dims = np.concatenate([2 * low, 2 * low + 1] if rope.traditional else [low, low + len(pairs)])
+    projection = np.linalg.qr(np.random.default_rng(seed).standard_normal((hidden, len(dims))))
+    rows = LOOKUP_GAIN * projection[0].T
+    for linear in (attention.q_proj, attention.k_proj):
+        weight = np.array(linear.weight)
+        weight[:head_size] = 0
+        weight[dims] = rows
+        linear.weight = mx.array(weight.astype(np.float32))

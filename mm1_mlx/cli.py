@@ -233,13 +233,17 @@ def init(
         bool,
         typer.Option(help="Start the 0..1000 coordinate tokens from sinusoids of their value."),
     ] = False,
+    lookup_head: Annotated[
+        bool,
+        typer.Option(help="Start the decoder's first head as a lookup of tokens by content."),
+    ] = False,
 ) -> None:
     """Create a randomly initialised model folder, to pre-train from scratch."""
     from mm1_mlx.convert.assemble import init_model
     from mm1_mlx.loading import check_writable
 
     check_writable(out, force, inputs=[config, tokenizer])
-    made = init_model(config, tokenizer, out, seed, force, smooth_numbers)
+    made = init_model(config, tokenizer, out, seed, force, smooth_numbers, lookup_head)
     typer.echo(
         f"wrote {out}: image token id {made.image_token_id}, vocab {made.text_config['vocab_size']}"
     )
