@@ -285,10 +285,11 @@ def make_lookup_head(model: MM1Model, seed: int) -> None:
     layers = getattr(model.decoder, "layers", None) or [None]
     attention = getattr(layers[0], "self_attn", None)
     rope = getattr(attention, "rope", None)
-    if not isinstance(rope, nn.RoPE) or not hasattr(attention, "k_proj"):
+    heads = getattr(attention, "n_heads", None)
+    if not isinstance(rope, nn.RoPE) or not hasattr(attention, "k_proj") or not heads:
         raise UserError("--lookup-head needs a decoder attention of q_proj, k_proj and plain RoPE")
     hidden = attention.q_proj.weight.shape[1]
-    head_size = attention.q_proj.weight.shape[0] // attention.n_heads
+    head_size = attention.q_proj.weight.shape[0] // heads
     pairs = np.arange(rope.dims // 2)
     low = pairs[pairs >= 0.75 * len(pairs)]
     # Traditional RoPE rotates neighbours (2i, 2i+1); the other form halves (i, i + dims/2).
